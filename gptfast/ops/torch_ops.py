@@ -1,0 +1,54 @@
+"""The `torch` backend: PyTorch's own fused ops. This is the baseline every kernel must beat."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "torch"
+
+
+def availability(device_type: str) -> str | None:
+    return None
+
+
+def unsupported(op: str, **call) -> str | None:
+    return None
+
+
+def causal_attention(q, k, v, scale=None, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
+    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
+    B, H, Tq, D = q.shape
+    T_max = k_cache.shape[2]
+    lens = cache_lens.to(device=q.device, dtype=torch.long).view(B, 1, 1, 1)
+    q_pos = lens - Tq + torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
+    k_pos = torch.arange(T_max, device=q.device).view(1, 1, 1, T_max)
+    mask = k_pos <= q_pos  # (B, 1, Tq, T_max), True = attend
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    x = logits.float() / temperature
+    V = x.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        cut = (sorted_probs.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True).clamp(max=V - 1)
+        probs = probs.masked_fill(probs < sorted_probs.gather(-1, cut), 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

