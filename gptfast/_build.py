@@ -16,7 +16,8 @@ def extension_kwargs(root: str, for_setup: bool) -> dict:
     -march=native), False for a JIT build on the machine that will run it.
     Returns a dict with `sources`, `extra_compile_args` and `with_cuda` (bool).
     """
-    sources = sorted(glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
+    sources = [os.path.join(root, "csrc", "registration.cpp")]
+    sources += sorted(glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-std=c++17"]
     if not for_setup:
         cxx.append("-march=native")

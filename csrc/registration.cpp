@@ -1,0 +1,36 @@
+// Schemas of gptfast's native ops: the one place they are declared (TORCH_LIBRARY may appear once).
+// Implementations register per device: csrc/cpu/*.cpp under CPU, csrc/cuda/*.cpp under CUDA.
+// Fake (meta) kernels and autograd are registered from Python in gptfast/ops/native.py.
+//
+// Conventions: 2-D row-major views are prepared by the Python wrapper where noted ((M, N) = all
+// leading dims flattened); statistics (mean, rstd, lse) are fp32 whatever the input dtype.
+#include <torch/library.h>
+
+TORCH_LIBRARY(gptfast, m) {
+  // q, k, v: (B, H, T, D). out: (B, H, T, D); lse: (B, H, T) fp32, log-sum-exp of each score row
+  // (natural log, scaled scores), saved so the backward recomputes probabilities without storing them.
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // x: (M, N); weight, bias: (N,) or None. y: (M, N); mean, rstd: (M,) fp32.
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  // dweight / dbias are always returned (as if weight = 1 / bias = 0 when absent); the caller drops them.
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) "
+      "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // x: (M, C); w_fc: (F, C); w_proj: (C_out, F) (nn.Linear layout). pre: (M, F), the pre-activation
+  // x w_fc^T + b_fc, saved so the backward recomputes GELU from it instead of storing both.
+  m.def(
+      "gelu_mlp_fwd(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj) "
+      "-> (Tensor y, Tensor pre)");
+  m.def(
+      "gelu_mlp_bwd(Tensor dy, Tensor x, Tensor w_fc, Tensor w_proj, Tensor pre) "
+      "-> (Tensor dx, Tensor dw_fc, Tensor db_fc, Tensor dw_proj, Tensor db_proj)");
+  // q: (B, H, Tq, D); caches: (B, H, T_max, D); cache_lens: (B,) int64. See gptfast/ops/reference.py.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
+  // logits: (B, V); uniform: (B,) fp32 draws in [0, 1) made by the caller (torch.rand with the user's
+  // generator), so every backend samples identically. top_k <= 0 = off; top_p >= 1 = off.
+  // temperature == 0 = argmax. Returns (B,) int64.
+  m.def("sample(Tensor logits, float temperature, int top_k, float top_p, Tensor uniform) -> Tensor");
+}
