@@ -1,0 +1,39 @@
+"""Shared pytest fixtures for gptfast tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """Path of Tiny Shakespeare (1,115,394 characters, 65 distinct).
+
+    ``$GPTFAST_SHAKESPEARE`` wins if set; otherwise ``<repo>/../shared/data/tinyshakespeare.txt``.
+    Skips (rather than fails) only when the file truly is absent.
+    """
+    env = os.environ.get("GPTFAST_SHAKESPEARE")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    for p in candidates:
+        if p.is_file():
+            return p
+    pytest.skip("Tiny Shakespeare not found (looked at: " + ", ".join(str(p) for p in candidates)
+                + "); set GPTFAST_SHAKESPEARE to its path")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests are skipped, with the reason shown, where no CUDA device exists."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here); runs when a GPU is lent")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
