@@ -33,6 +33,8 @@ def _extensions():
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     kw = build.extension_kwargs(HERE, for_setup=True)
+    # setuptools refuses absolute source paths (editable builds check it): relative to setup.py.
+    kw["sources"] = [os.path.relpath(p, HERE) for p in kw["sources"]]
     ext_cls = cpp_extension.CUDAExtension if kw.pop("with_cuda") else cpp_extension.CppExtension
     ext = ext_cls("gptfast._C", **kw)
 
@@ -44,6 +46,14 @@ def _extensions():
                 super().run()
             except Exception as e:  # noqa: BLE001
                 print(f"gptfast: building the native extension failed ({e}); it will JIT-build")
+                return
+            # Record which sources the library was built from: in a checkout, the loader uses
+            # gptfast._C only while this matches the sources (else it JIT-builds, not stale code).
+            for e in self.extensions:
+                path = self.get_ext_fullpath(e.name) + build.HASH_FILE_SUFFIX
+                with open(path + ".tmp", "w") as f:
+                    f.write(build.sources_hash(HERE, for_setup=True) + "\n")
+                os.replace(path + ".tmp", path)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
@@ -58,7 +68,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["gptfast", "gptfast.*", "kernels", "kernels.*"]),
-    package_data={"gptfast": ["assets/*"]},
+    package_data={"gptfast": ["assets/*", "assets/*/*"]},  # assets/shakespeare_char/* too
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

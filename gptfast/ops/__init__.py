@@ -125,6 +125,8 @@ def resolve(op: str, device_type: str = "cpu", backend: str | None = None, **cal
             )
         return requested
     for name in _AUTO_ORDER:
+        if name == "triton" and device_type != "cuda":
+            continue  # auto: Triton on CUDA only (its CPU interpreter is for tests, by explicit request)
         if unavailable_reason(name, op, device_type, **call) is None:
             return name
     raise BackendUnavailableError(f"{op}: no backend available on {device_type}")  # unreachable
@@ -136,6 +138,9 @@ def explain(op: str, device_type: str = "cpu") -> tuple[str, dict[str, str]]:
     status: dict[str, str] = {}
     for name in _AUTO_ORDER:
         reason = unavailable_reason(name, op, device_type)
+        if reason is None and name == "triton" and device_type != "cuda":
+            status[name] = "available by explicit request only (auto uses Triton on CUDA only)"
+            continue
         if reason is None and chosen is None:
             chosen = name
             status[name] = "selected (first available in auto order: " + " > ".join(_AUTO_ORDER) + ")"
@@ -340,7 +345,7 @@ def decode_attention(
             )
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
-    fn = _impl(op, q.device.type, backend, dtype=q.dtype, head_dim=D)
+    fn = _impl(op, q.device.type, backend, dtype=q.dtype, head_dim=D, n_query=Tq)
     return fn(q, k_cache, v_cache, cache_lens, scale)
 
 

@@ -189,10 +189,12 @@ def sample(
 ) -> torch.Tensor:
     """Draw one token per row of `logits` (B, V); returns (B,) int64.
 
-    temperature == 0 means greedy (argmax). Otherwise every backend draws with the same rule, so
-    backends agree token-for-token on the same generator state: one uniform u per row from
-    `torch.rand(B, generator=generator)`, then the first token (in vocabulary order) whose
-    cumulative kept probability exceeds u (inverse-CDF sampling).
+    temperature == 0 means greedy (argmax). Otherwise the reference, native and triton backends
+    draw with the same rule, so they agree token-for-token on the same generator state: one
+    uniform u per row from `torch.rand(B, generator=generator)`, then the first token (in
+    vocabulary order) whose cumulative kept probability exceeds u (inverse-CDF sampling). The
+    `torch` backend is the PyTorch baseline (`torch.multinomial` over the same filtered
+    distribution): same distribution, different draws.
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)

@@ -1,0 +1,110 @@
+"""GELU-MLP: every CPU backend vs the reference, forward and backward; native gradcheck, opcheck,
+shapes that break tiling, non-contiguous inputs, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptfast import ops
+from gptfast.ops import native, reference
+from tests.helpers import assert_close, available_backends
+
+# fp32: all backends use BLAS matmuls (different blockings -> different summation orders) over
+# K = C or F terms of O(1) products; 1e-4 covers K up to a few hundred. Native's GELU uses its own
+# exp (~1e-7 relative), far below the matmul rounding.
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _inputs(M, C, F, C_out, bias=True, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    x = r(M, C)
+    w_fc, w_proj = r(F, C) / C**0.5, r(C_out, F) / F**0.5
+    return x, w_fc, r(F) if bias else None, w_proj, r(C_out) if bias else None
+
+
+def _check(backend, x, w_fc, b_fc, w_proj, b_proj):
+    ours = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w_fc, b_fc, w_proj, b_proj)]
+    refs = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w_fc, b_fc, w_proj, b_proj)]
+    y = ops.gelu_mlp(*ours, backend=backend)
+    y_ref = reference.gelu_mlp(*refs)
+    assert_close(y, y_ref, **TOL, what=f"{backend} forward")
+    dy = torch.randn_like(y_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for name, t, r in zip(("dx", "dw_fc", "db_fc", "dw_proj", "db_proj"), ours, refs):
+        if t is not None:
+            assert_close(t.grad, r.grad, **TOL, what=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", available_backends("gelu_mlp", dtype=torch.float32))
+@pytest.mark.parametrize("M,C,F,C_out", [(1, 8, 32, 8), (9, 7, 13, 5), (97, 24, 72, 24), (33, 40, 130, 17)])
+def test_matches_reference(backend, M, C, F, C_out):
+    _check(backend, *_inputs(M, C, F, C_out, seed=M + C + F))
+
+
+@pytest.mark.parametrize("backend", available_backends("gelu_mlp", dtype=torch.float32))
+def test_no_bias_3d_noncontiguous(backend):
+    _check(backend, *_inputs(10, 16, 40, 16, bias=False))
+    x, w_fc, b_fc, w_proj, b_proj = _inputs(12, 16, 40, 16)
+    _check(backend, x.view(3, 4, 16), w_fc, b_fc, w_proj, b_proj)
+    xt = torch.randn(16, 12).t()  # (12, 16) transposed view
+    w_fc_t = torch.randn(16, 40).t() / 4  # (40, 16) transposed view
+    _check(backend, xt, w_fc_t, b_fc, w_proj, b_proj)
+
+
+@settings(max_examples=10, deadline=None)
+@given(M=st.integers(1, 20), C=st.integers(1, 40), F=st.integers(1, 70), C_out=st.integers(1, 30),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_native(M, C, F, C_out, bias, seed):
+    _check("native", *_inputs(M, C, F, C_out, bias, seed))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_gradcheck_fp64(bias):
+    args = [t.requires_grad_() for t in _inputs(3, 5, 7, 4, bias, dtype=torch.float64) if t is not None]
+    fn = native.gelu_mlp if bias else (lambda x, a, b: native.gelu_mlp(x, a, None, b, None))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_gelu_large_arguments():
+    # The vectorised tanh saturates cleanly: gelu(x) -> x for x >> 0 and -> 0 for x << 0.
+    x = torch.tensor([[-1e4, -50.0, -10.0, 0.0, 10.0, 50.0, 1e4]])
+    eye = torch.eye(7)
+    y = native.gelu_mlp(x, eye, None, eye, None)
+    assert_close(y, reference.gelu_mlp(x, eye, None, eye, None), atol=1e-6, rtol=1e-6, what="saturation")
+
+
+def test_opcheck():
+    native.load_extension()
+    x, w_fc, b_fc, w_proj, b_proj = _inputs(6, 8, 20, 5)
+    torch.library.opcheck(torch.ops.gptfast.gelu_mlp_fwd.default,
+                          (x.requires_grad_(), w_fc.requires_grad_(), b_fc, w_proj, None))
+    y, pre = torch.ops.gptfast.gelu_mlp_fwd(x.detach(), w_fc.detach(), b_fc, w_proj, b_proj)
+    torch.library.opcheck(torch.ops.gptfast.gelu_mlp_bwd.default, (torch.randn_like(y), x.detach(), w_fc.detach(), w_proj, pre))
+
+
+def test_errors():
+    x, w_fc, b_fc, w_proj, b_proj = _inputs(4, 8, 16, 8)
+    with pytest.raises(ValueError, match=r"w_proj must have shape \(C_out, 16\)"):
+        ops.gelu_mlp(x, w_fc, b_fc, w_proj[:, :15], b_proj, backend="native")
+    with pytest.raises(ops.BackendUnavailableError, match="float32 and float64"):
+        ops.gelu_mlp(*(t.half() for t in (x, w_fc, b_fc, w_proj, b_proj)), backend="native")
+    native.load_extension()
+    f = torch.ops.gptfast.gelu_mlp_fwd
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_fwd: w_fc must have shape \(F, 8\)"):
+        f(x, w_fc[:, :7], b_fc, w_proj, b_proj)
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_fwd: b_fc must have shape \(16\)"):
+        f(x, w_fc, b_fc[:3], w_proj, b_proj)
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_fwd: x must be 2-D"):
+        f(x.view(2, 2, 8), w_fc, b_fc, w_proj, b_proj)
+    with pytest.raises(RuntimeError, match="gelu_mlp_fwd: w_proj must have x's dtype"):
+        f(x, w_fc, b_fc, w_proj.double(), b_proj)
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(RuntimeError, match="gelu_mlp_fwd: w_fc must be a CPU tensor"):
+        f.default.redispatch(cpu, x, w_fc.to("meta"), b_fc, w_proj, b_proj)
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_bwd: pre must have shape \(4, 16\)"):
+        torch.ops.gptfast.gelu_mlp_bwd(torch.randn(4, 8), x, w_fc, w_proj, torch.randn(4, 15))
