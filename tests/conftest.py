@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+# Triton backend (tests/test_triton_*.py): without CUDA, run the Triton kernels in the interpreter.
+# TRITON_INTERPRET must be set before triton is imported and before any @triton.jit kernel is
+# defined, so it is set here, ahead of every test module (and of torch._inductor, which may import
+# triton). An explicit setting by the caller is left alone.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

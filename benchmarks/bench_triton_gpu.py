@@ -1,0 +1,248 @@
+"""Benchmark the Triton kernels against PyTorch, the native CUDA ops (if built) and the reference.
+
+Needs a CUDA GPU (not run in CI). Every provider goes through the dispatch layer
+(`gptfast.ops.<op>(..., backend=name)`), so what is timed is what the model calls. Before an op is
+timed its output is compared with the `torch` backend's on the same inputs (max abs diff recorded).
+
+Timing: `triton.testing.do_bench` (median and 20th/80th percentiles, ms; it flushes L2 between
+runs). Throughput, next to each op below:
+  causal attention fwd  TFLOP/s = 4 * B * H * T^2 * D / 2 / t      (two matmuls, causal half)
+  causal attention bwd  TFLOP/s = 2.5 * that (5 matmuls instead of 2) / t   (fwd+bwd timed: 3.5x)
+  layer norm            GB/s = bytes moved / t (fwd: read x, write y; bwd: read x, dy, write dx)
+  gelu mlp              TFLOP/s = 2 * M * (C*F + F*C_out) / t (fwd), x3 for fwd+bwd
+  decode attention      GB/s = K and V bytes of the valid cache prefix / t
+  sampling              us per call (B rows of a 50257-token vocabulary)
+
+    python benchmarks/bench_triton_gpu.py --out benchmarks/results/triton_gpu.json
+    python benchmarks/bench_triton_gpu.py --ops attention layer_norm --quick --out /tmp/t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+OPS = ("attention", "layer_norm", "gelu_mlp", "decode_attention", "sample")
+PROVIDERS = ("triton", "torch", "native", "reference")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", required=True, help="JSON file to write (results + machine/version metadata)")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to benchmark (default: all)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                   help="backends to time (unavailable ones are recorded as skipped)")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--quick", action="store_true", help="the first shape of each op only")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU self-test of this script: tiny shapes, Triton interpreter, wall-clock timer "
+                        "(numbers meaningless; checks that every code path runs)")
+    return p.parse_args(argv)
+
+
+def _git_sha() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench_triton_gpu: needs a CUDA device (none found); nothing was measured", file=sys.stderr)
+        return 2
+    import triton
+
+    if args.smoke:
+        import statistics
+        import time
+
+        def do_bench(fn, quantiles):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return [statistics.median(times), min(times), max(times)]
+    else:
+        from triton.testing import do_bench
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gptfast import ops
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dev = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        dtype = torch.float16  # the interpreter cannot run bf16 dots
+    torch.manual_seed(0)
+    rows: list[dict] = []
+
+    def available(provider: str, op: str, **call) -> str | None:
+        return ops.unavailable_reason(provider, op, dev, **call)
+
+    def run(op_name, shape, mode, make_fn, work, unit, dispatch_op, call, providers=None):
+        """Time make_fn(provider)() for every provider; `work` = FLOPs or bytes per call."""
+        check = None
+        for prov in providers or args.providers:
+            row = {"op": op_name, "shape": shape, "mode": mode, "dtype": args.dtype, "provider": prov}
+            reason = available(prov, dispatch_op, **call)
+            if reason is not None:
+                rows.append({**row, "skipped": reason})
+                print(f"{op_name:18s} {mode:7s} {str(shape):28s} {prov:9s} skipped: {reason}")
+                continue
+            try:
+                fn = make_fn(prov)
+                out = fn()
+                if mode == "fwd" and isinstance(out, torch.Tensor) and out.is_floating_point():
+                    if check is None and prov == "torch":
+                        check = out.float()
+                    row["out_checksum"] = float(out.float().abs().mean())
+                ms, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append({**row, "skipped": "out of memory"})
+                print(f"{op_name:18s} {mode:7s} {str(shape):28s} {prov:9s} out of memory")
+                continue
+            rate = work / (ms * 1e-3) / 1e12 if unit == "TFLOP/s" else work / (ms * 1e-3) / 1e9 if unit == "GB/s" else None
+            row.update({"ms_median": ms, "ms_p20": p20, "ms_p80": p80, "unit": unit, "rate": rate})
+            rows.append(row)
+            rate_s = f"{rate:8.1f} {unit}" if rate is not None else f"{ms * 1e3:8.1f} us"
+            print(f"{op_name:18s} {mode:7s} {str(shape):28s} {prov:9s} {ms:8.3f} ms  [{p20:.3f}, {p80:.3f}]  {rate_s}")
+        # Correctness of what was timed: every provider vs the torch backend (fwd outputs).
+        if check is not None:
+            for prov in providers or args.providers:
+                if available(prov, dispatch_op, **call) is None and prov != "torch":
+                    diff = (make_fn(prov)().float() - check).abs().max().item()
+                    for r in rows:
+                        if r["op"] == op_name and r["shape"] == shape and r["mode"] == mode and r["provider"] == prov:
+                            r["max_abs_diff_vs_torch"] = diff
+
+    def first(shapes, smoke):
+        return [smoke] if args.smoke else shapes[:1] if args.quick else shapes
+
+    # ---- causal attention: B*T ~ 8192 tokens, 12 heads of 64 (GPT-2 small), T up to 8192.
+    if "attention" in args.ops:
+        for B, H, T, D in first([(8, 12, 1024, 64), (4, 12, 2048, 64), (2, 12, 4096, 64), (1, 12, 8192, 64), (8, 12, 1024, 128)],
+                                 (1, 2, 33, 16)):
+            q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype) for _ in range(3))
+            flops = 4 * B * H * T * T * D / 2
+            call = dict(dtype=dtype, head_dim=D, dropout_p=0.0)
+            run("causal_attention", (B, H, T, D), "fwd",
+                lambda prov: (lambda: ops.causal_attention(q, k, v, backend=prov)), flops, "TFLOP/s", "causal_attention", call)
+            if T <= 4096:
+                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                do = torch.randn_like(q)
+
+                def fwd_bwd(prov):
+                    def f():
+                        out = ops.causal_attention(qg, kg, vg, backend=prov)
+                        torch.autograd.grad(out, (qg, kg, vg), do)
+                    return f
+                run("causal_attention", (B, H, T, D), "fwd+bwd", fwd_bwd, 3.5 * flops, "TFLOP/s", "causal_attention", call)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+    # ---- layer norm: GPT-2 small activations, 32768 tokens x 768.
+    if "layer_norm" in args.ops:
+        for M, N in first([(32768, 768), (8192, 1600), (4096, 8192)], (9, 80)):
+            x = torch.randn(M, N, device=dev, dtype=dtype)
+            w, b = torch.randn(N, device=dev, dtype=dtype), torch.randn(N, device=dev, dtype=dtype)
+            esz = x.element_size()
+            call = dict(dtype=dtype, n=N)
+            run("layer_norm", (M, N), "fwd", lambda prov: (lambda: ops.layer_norm(x, w, b, backend=prov)),
+                2 * M * N * esz + 2 * N * esz, "GB/s", "layer_norm", call)
+            xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+            dy = torch.randn_like(x)
+
+            def ln_fwd_bwd(prov):
+                def f():
+                    y = ops.layer_norm(xg, wg, bg, backend=prov)
+                    torch.autograd.grad(y, (xg, wg, bg), dy)
+                return f
+            run("layer_norm", (M, N), "fwd+bwd", ln_fwd_bwd, 5 * M * N * esz, "GB/s", "layer_norm", call)
+
+    # ---- GELU MLP: 8192 tokens, 768 -> 3072 -> 768.
+    if "gelu_mlp" in args.ops:
+        for M, C, F_ in first([(8192, 768, 3072), (8192, 1024, 4096), (512, 768, 3072)], (17, 48, 80)):
+            x = torch.randn(M, C, device=dev, dtype=dtype)
+            w1 = torch.randn(F_, C, device=dev, dtype=dtype) * C ** -0.5
+            b1 = torch.randn(F_, device=dev, dtype=dtype)
+            w2 = torch.randn(C, F_, device=dev, dtype=dtype) * F_ ** -0.5
+            b2 = torch.randn(C, device=dev, dtype=dtype)
+            flops = 2 * M * (C * F_ + F_ * C)
+            call = dict(dtype=dtype)
+            run("gelu_mlp", (M, C, F_), "fwd", lambda prov: (lambda: ops.gelu_mlp(x, w1, b1, w2, b2, backend=prov)),
+                flops, "TFLOP/s", "gelu_mlp", call)
+            grads_in = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+            dy = torch.randn(M, C, device=dev, dtype=dtype)
+
+            def mlp_fwd_bwd(prov):
+                def f():
+                    y = ops.gelu_mlp(*grads_in, backend=prov)
+                    torch.autograd.grad(y, grads_in, dy)
+                return f
+            run("gelu_mlp", (M, C, F_), "fwd+bwd", mlp_fwd_bwd, 3 * flops, "TFLOP/s", "gelu_mlp", call)
+
+    # ---- decode attention: B=8 sequences, a cache of 8192 positions, GPT-2 heads.
+    if "decode_attention" in args.ops:
+        for B, H, T_max, D, Tq in first([(8, 12, 8192, 64, 1), (8, 12, 8192, 64, 4), (1, 12, 8192, 64, 1), (8, 12, 1024, 64, 1), (8, 32, 8192, 128, 1)],
+                                        (2, 2, 50, 16, 2)):
+            q = torch.randn(B, H, Tq, D, device=dev, dtype=dtype)
+            kc = torch.randn(B, H, T_max, D, device=dev, dtype=dtype)
+            vc = torch.randn_like(kc)
+            lens = torch.full((B,), T_max, device=dev, dtype=torch.int32)
+            lens[::2] = T_max * 3 // 4  # ragged batch
+            valid = int(lens.sum())
+            nbytes = 2 * valid * H * D * kc.element_size()
+            call = dict(dtype=dtype, head_dim=D)
+            run("decode_attention", (B, H, T_max, D, Tq), "fwd",
+                lambda prov: (lambda: ops.decode_attention(q, kc, vc, lens, backend=prov)), nbytes, "GB/s", "decode_attention", call)
+
+    # ---- sampling: GPT-2 vocabulary.
+    if "sample" in args.ops:
+        for B, (temp, top_k, top_p) in first([(8, (0.8, 50, 0.9)), (1, (0.8, 50, 0.9)), (8, (1.0, None, 0.95)), (64, (1.0, 200, None))],
+                                       (2, (0.8, 5, 0.9))):
+            V = 50 if args.smoke else 50257
+            logits = torch.randn(B, V, device=dev, dtype=torch.float32) * 3
+            gen = torch.Generator(device=dev).manual_seed(0)
+            call = dict(dtype=logits.dtype)
+            run("sample", (B, V, temp, top_k, top_p), "fwd",
+                lambda prov: (lambda: ops.sample(logits, temp, top_k, top_p, gen, backend=prov)), 0, "us", "sample", call)
+
+    meta = {
+        "gpu": "none (--smoke: CPU interpreter)" if args.smoke else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "smoke": args.smoke,
+        "git_sha": _git_sha(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": args.dtype,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
+        tmp = f.name
+    os.replace(tmp, out)  # atomic: a crash never leaves half a file
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
