@@ -77,8 +77,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Character-level Tiny Shakespeare model (vocab 65); trained and shipped with the package.
+    # 4 layers x 192 wide (6 heads of 32): sized to train to val loss < 1.75 in ~30 min on 2 CPU cores.
     "shakespeare-char": dict(
-        n_layer=6, n_head=6, n_embd=192, block_size=128, vocab_size=65, dropout=0.1
+        n_layer=4, n_head=6, n_embd=192, block_size=128, vocab_size=65, dropout=0.1
     ),
     # Small and fast, for tests and smoke runs.
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=65),
