@@ -191,12 +191,14 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Continue each row of idx (B, T) by `max_new_tokens` tokens; returns (B, T + new).
 
-        nanoGPT's signature; extra keyword arguments (seed, generator, eot_token, ...) are passed
-        to `gptfast.generation.generate_reference`.
+        nanoGPT's signature, run on the KV-cached engine (`gptfast.engine`); extra keyword
+        arguments (seed, generator, eot_token, repetition_penalty, overflow, dtype, compile, ...)
+        are passed to `gptfast.engine.generate`. Beyond the block size the context slides exactly
+        as `gptfast.generation.generate_reference` (the no-cache reference) does.
         """
-        from gptfast.generation import generate_reference
+        from gptfast.engine import generate_tensor
 
-        return generate_reference(
+        return generate_tensor(
             self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **kwargs
         )
 
