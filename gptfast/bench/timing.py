@@ -1,0 +1,166 @@
+"""Timers and machine peaks for `gptfast bench`.
+
+CPU: warm-up calls, then `repeats` timed calls with `time.perf_counter`; median and 20th / 80th
+percentiles. CUDA: `triton.testing.do_bench` (CUDA events, L2 flushed between calls), median and
+20th / 80th percentiles (the convention of Triton's tutorials and Liger-Kernel's tables).
+
+All backends of one row are measured in the same loop, interleaved: repeat r times backend 1,
+then backend 2, ..., then repeat r + 1. On a shared machine the noise comes in bursts (another
+process's compile, a thermal step); timing backend A's twenty runs and then backend B's would put a
+burst on one of them only and turn noise into a fake speedup. Round-robin spreads each burst over
+all backends, so their ratios stay honest even when the absolute times wobble. The starting
+backend also rotates per repeat, so none is always timed right after the same neighbour.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    n: int  # number of timed calls (CUDA: do_bench samples)
+    min_ms: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default), q in [0, 1]."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(times_ms: list[float]) -> Timing:
+    return Timing(_quantile(times_ms, 0.5), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8), len(times_ms),
+                  min(times_ms))
+
+
+def synced(fn: Callable[[], object], device_type: str) -> Callable[[], object]:
+    """fn followed by a device sync, for wall-clock timers (pytest-benchmark) on CUDA."""
+    if device_type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def measure(fns: dict[str, Callable[[], object]], device_type: str, repeats: int = 20,
+            warmup: int = 2) -> dict[str, Timing]:
+    """Time every function of `fns` (name -> zero-argument callable), interleaved round-robin.
+
+    CPU: `warmup` untimed calls each, then `repeats` timed rounds of one call per function.
+    CUDA: `repeats` is turned into a few rounds of `do_bench` per function (each ~25 ms of
+    samples), again round-robin; all samples of a function are pooled for the quantiles.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    if device_type == "cuda":
+        return _measure_cuda(fns, rounds=max(3, min(repeats // 4, 10)))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: summarize(samples[n]) for n in names}
+
+
+def _measure_cuda(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
+    from triton.testing import do_bench
+
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(rounds):
+        for n, fn in fns.items():
+            try:  # triton >= 2.2: every sample
+                got = do_bench(fn, warmup=10 if r else 25, rep=25, return_mode="all")
+            except TypeError:  # older triton: only quantiles; pool the round's median
+                got = [do_bench(fn, warmup=10 if r else 25, rep=25, quantiles=[0.5])]
+            samples[n].extend(float(t) for t in (got if isinstance(got, (list, tuple)) else [got]))
+    return {n: summarize(s) for n, s in samples.items()}
+
+
+# --------------------------------------------------------------------------- machine peaks
+
+# Datasheet peaks (dense, no sparsity) for the roofline column on GPUs we know; matched by name.
+# H100 SXM5: 989 TFLOP/s bf16, 3.35 TB/s HBM3 (NVIDIA H100 datasheet). H100 PCIe: 756, 2.0.
+# H200: 989, 4.8. A100 SXM 80GB: 312, 2.039.
+DATASHEET = [
+    ("H200", dict(name="H200", tflops_bf16=989.0, tbps=4.8)),
+    ("H100 PCIe", dict(name="H100 PCIe", tflops_bf16=756.0, tbps=2.0)),
+    ("H100", dict(name="H100 SXM", tflops_bf16=989.0, tbps=3.35)),
+    ("A100", dict(name="A100 SXM", tflops_bf16=312.0, tbps=2.039)),
+]
+
+
+def datasheet_peaks(gpu_name: str | None) -> dict | None:
+    if not gpu_name:
+        return None
+    for key, peaks in DATASHEET:
+        if key in gpu_name:
+            return dict(peaks)
+    return None
+
+
+def measure_peaks(device_type: str, quick: bool = False, repeats: int = 5) -> dict:
+    """Measured memory bandwidth and matmul throughput of this machine, in this run.
+
+    copy_gbps: `dst.copy_(src)` of a large fp32 buffer, bytes read + written / t.
+    read_gbps: `src.sum()`, bytes read / t (read-only streams are what decode and sampling do).
+    matmul_gflops: 2 * n^3 / t for an n x n matmul (n = 2048 fp32 on CPU; 8192 bf16 on GPU).
+    bw_gbps: the larger of the two bandwidths, the roofline's memory ceiling.
+    A peak is what the machine can do, so each uses the fastest of its runs (not the median):
+    on a shared machine the median would understate it and inflate every row's % of peak.
+    """
+    dev = torch.device(device_type)
+    if device_type == "cuda":
+        nbytes = 1 << 30
+        n, mm_dtype = 8192, torch.bfloat16
+    else:
+        nbytes = (64 if quick else 256) << 20
+        n, mm_dtype = 2048, torch.float32
+    src = torch.ones(nbytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    a = torch.randn(n, n, device=dev).to(mm_dtype)
+    b = torch.randn(n, n, device=dev).to(mm_dtype)
+    t = measure(
+        {"copy": lambda: dst.copy_(src), "read": lambda: src.sum(), "matmul": lambda: a @ b},
+        device_type, repeats=repeats, warmup=1,
+    )
+    copy_gbps = 2 * nbytes / (t["copy"].min_ms * 1e-3) / 1e9
+    read_gbps = nbytes / (t["read"].min_ms * 1e-3) / 1e9
+    peaks = dict(
+        copy_gbps=copy_gbps,
+        read_gbps=read_gbps,
+        bw_gbps=max(copy_gbps, read_gbps),
+        matmul_gflops=2.0 * n**3 / (t["matmul"].min_ms * 1e-3) / 1e9,
+        matmul_shape=f"{n}^3 {str(mm_dtype).replace('torch.', '')}",
+        buffer_mib=nbytes >> 20,
+    )
+    del src, dst, a, b
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+        sheet = datasheet_peaks(torch.cuda.get_device_name())
+        if sheet is not None:
+            peaks["datasheet"] = sheet
+    return peaks
