@@ -6,6 +6,7 @@
 
 from gptfast import ops
 from gptfast.config import PRESETS, GPTConfig
+from gptfast.engine import generate, stream
 from gptfast.model import GPT, BigramLanguageModel
 from gptfast.ops import set_backend, use_backend
 from gptfast.tokenizers import (
@@ -18,6 +19,22 @@ from gptfast.tokenizers import (
 
 __version__ = "0.1.0"
 
+
+def patch(model, backend=None):
+    """Run a transformers GPT-2 model's attention, LayerNorm and MLP on gptfast ops, in place
+    (see `gptfast.hf_patch`; transformers is imported only here)."""
+    from gptfast.hf_patch import patch as _patch
+
+    return _patch(model, backend=backend)
+
+
+def unpatch(model):
+    """Undo `gptfast.patch(model)`."""
+    from gptfast.hf_patch import unpatch as _unpatch
+
+    return _unpatch(model)
+
+
 __all__ = [
     "GPT",
     "PRESETS",
@@ -26,9 +43,13 @@ __all__ = [
     "GPT2Tokenizer",
     "GPTConfig",
     "Tokenizer",
+    "generate",
     "get_tokenizer",
     "ops",
+    "patch",
     "set_backend",
+    "stream",
     "tokenizer_from_dict",
+    "unpatch",
     "use_backend",
 ]

@@ -40,11 +40,18 @@ def load_model_for_cli(args):
     if checkpoint and preset:
         raise UserError("pass either --checkpoint or --preset, not both")
     if checkpoint:
-        if not os.path.exists(checkpoint):
-            raise UserError(f"checkpoint not found: {checkpoint}")
-        from gptfast.checkpoint import load_any
+        from gptfast.checkpoint import CheckpointError, load_any
+        from gptfast.interop import HUB_MODELS
 
-        model, tokenizer = load_any(checkpoint)
+        if not os.path.exists(checkpoint) and checkpoint not in HUB_MODELS and checkpoint not in HUB_MODELS.values():
+            raise UserError(
+                f"--checkpoint: no such file or directory {checkpoint!r} "
+                f"(and not a hub name: {', '.join(HUB_MODELS)})"
+            )
+        try:
+            model, tokenizer = load_any(checkpoint)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
         return model, tokenizer, checkpoint
     if preset:
         from gptfast.tokenizers import CharTokenizer, GPT2Tokenizer
@@ -71,46 +78,148 @@ def load_model_for_cli(args):
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text (default: the embedded Shakespeare model)")
+    p = sub.add_parser(
+        "generate", help="generate text (default: the embedded Shakespeare model)",
+        description="KV-cached generation (gptfast.engine), streamed as it is produced; "
+                    "tokens/s, ms/token and peak memory go to stderr at the end.",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="gptfast checkpoint (directory or .safetensors)")
+    src.add_argument(
+        "--checkpoint",
+        help="gptfast checkpoint (directory or .safetensors), Hugging Face GPT-2 directory, "
+        "nanoGPT ckpt.pt, or a hub name (gpt2, gpt2-medium, ...; needs the local HF cache or network)",
+    )
     src.add_argument("--preset", help="a preset name, randomly initialised (for smoke tests)")
-    p.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
+    prm = p.add_mutually_exclusive_group()
+    prm.add_argument("--prompt", default=None, help="prompt text; '-' reads stdin (default: a newline)")
+    prm.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--num-samples", type=int, default=1, help="samples generated as one batch")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL repetition penalty (> 1 discourages repeats; 1 = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sample i uses its own generator seeded seed + i (reproducible per sample)")
+    p.add_argument("--overflow", default="slide", choices=["slide", "error"],
+                   help="past the block size: slide the context window (as the reference) or fail")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights / activations / KV cache dtype (logits stay fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA: CUDA graphs, mode=reduce-overhead)")
     _add_backend_arg(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return "\n" if args.prompt is None else args.prompt
+
+
+def _peak_memory(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return f"peak RSS {rss * scale / 2**20:.0f} MiB"
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from gptfast.generation import generate_reference
+    from gptfast.engine import _as_dtype, stream
 
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    checks = [
+        (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
+        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
+        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
+        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {args.repetition_penalty}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device must be cpu or cuda[:N], got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    text = _read_prompt(args)
     model, tokenizer, what = load_model_for_cli(args)
     if args.backend:
         model.backend = args.backend
-    ids = tokenizer.encode(args.prompt)
+    dtype = _as_dtype(args.dtype)
+    # On CUDA the model itself takes the dtype (no second copy); on CPU fp32 the engine keeps its
+    # own decode-layout copies, and for bf16/fp16 casts once (see gptfast.engine).
+    model = model.to(device=device, dtype=dtype if device.type == "cuda" else None).eval()
+    ids = tokenizer.encode(text)
     if not ids:
-        raise UserError("--prompt encodes to no tokens; give at least one character")
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long)
-    out = generate_reference(
-        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, eot_token=tokenizer.eot_token,
+        raise UserError("the prompt encodes to no tokens; give at least one character")
+    n = args.num_samples
+    seed = None if args.seed is None else [args.seed + i for i in range(n)]
+    stats: dict = {}
+    steps = stream(
+        model, [ids] * n, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
+        eot_token=tokenizer.eot_token, overflow=args.overflow, dtype=dtype, compile=args.compile,
+        stats=stats,
     )
-    for i, row in enumerate(out.tolist()):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(tokenizer.decode(row))
-    print(f"[{what}]", file=sys.stderr)
+    out = sys.stdout
+    if n == 1:
+        # Stream: print what the decoded text gained since the last token. A byte-level BPE token
+        # may end inside a UTF-8 character (decoded as U+FFFD): wait for the rest of it.
+        new: list[int] = []
+        shown = tokenizer.decode(ids)
+        out.write(shown)
+        out.flush()
+        for step in steps:
+            if step.tokens[0] is None or step.tokens[0] == tokenizer.eot_token:
+                continue
+            new.append(step.tokens[0])
+            full = tokenizer.decode(ids + new)
+            if not full.endswith("\ufffd") and full.startswith(shown):
+                out.write(full[len(shown):])
+                out.flush()
+                shown = full
+        full = tokenizer.decode(ids + new)
+        out.write(full[len(shown):] + "\n")
+    else:
+        rows: list[list[int]] = [[] for _ in range(n)]
+        for step in steps:
+            for i, t in enumerate(step.tokens):
+                if t is not None and t != tokenizer.eot_token:
+                    rows[i].append(t)
+        for i, r in enumerate(rows):
+            out.write(f"--- sample {i + 1} ---\n{tokenizer.decode(ids + r)}\n")
+    out.flush()
+    new_tokens = stats.get("new_tokens", 0)
+    total = stats.get("total_s", 0.0)
+    steps_run = max(1, stats.get("steps", 0))
+    print(
+        f"[{what}] {new_tokens} tokens in {total:.2f} s: {new_tokens / max(total, 1e-9):.1f} tokens/s, "
+        f"{1e3 * stats.get('decode_s', 0.0) / steps_run:.2f} ms/token (batch {n}), "
+        f"prefill {1e3 * stats.get('prefill_s', 0.0):.1f} ms, {_peak_memory(device)}, "
+        f"ops: {'+'.join(sorted(set(stats.get('backends', {}).values()))) or '-'}, "
+        f"dtype {stats.get('dtype', args.dtype)}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -120,7 +229,7 @@ def cmd_generate(args) -> int:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="config, parameter count and op backends")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint")
+    src.add_argument("--checkpoint", help="any checkpoint `gptfast generate --checkpoint` accepts")
     src.add_argument("--preset")
     p.add_argument("--device", default="cpu", help="device type to resolve backends for")
     p.set_defaults(func=cmd_info)
@@ -151,23 +260,77 @@ def cmd_info(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (see `gptfast train --help`)")
-    p.set_defaults(func=_not_yet("train"))
+    from gptfast.train import add_arguments
+
+    p = sub.add_parser(
+        "train", help="train a model (see `gptfast train --help`)",
+        description="Train a GPT on a text file; DDP when launched with torchrun.",
+    )
+    add_arguments(p)
+    _add_backend_arg(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from gptfast import train
+
+    try:
+        return train.main(args)
+    except (RuntimeError, FloatingPointError) as e:
+        # matplotlib missing, diverged loss, backend unavailable: one line, not a traceback
+        if os.environ.get("GPTFAST_DEBUG") == "1":
+            raise
+        raise UserError(str(e).splitlines()[0]) from None
 
 
 def _add_perplexity(sub) -> None:
+    from gptfast.perplexity import add_arguments
+
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
-    p.set_defaults(func=_not_yet("perplexity"))
+    add_arguments(p)
+    _add_backend_arg(p)
+    p.set_defaults(func=cmd_perplexity)
+
+
+def cmd_perplexity(args) -> int:
+    from gptfast import perplexity
+
+    return perplexity.main(args)
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: ops, generation, training")
-    p.set_defaults(func=_not_yet("bench"))
+    from gptfast.bench import add_arguments
+
+    p = sub.add_parser(
+        "bench", help="benchmarks: ops, generation, training",
+        description="Time every backend against the reference and PyTorch; tables, JSON, CSV, plots.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from gptfast import bench
+
+    return bench.main(args)
 
 
 def _add_attention_map(sub) -> None:
-    p = sub.add_parser("attention-map", help="plot attention probabilities of a text")
-    p.set_defaults(func=_not_yet("attention-map"))
+    from gptfast.attention_map import add_arguments
+
+    p = sub.add_parser(
+        "attention-map", help="plot attention probabilities of a text",
+        description="Heatmaps (or, with --graph, a directed graph) of the causal attention "
+                    "probabilities of each head, with the tokens on both axes.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_attention_map)
+
+
+def cmd_attention_map(args) -> int:
+    from gptfast import attention_map
+
+    return attention_map.main(args)
 
 
 def _not_yet(name: str):
@@ -201,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `gptfast info | head`: the reader left, not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,14 @@ def test_missing_checkpoint_is_one_line_error(tmp_path):
     )
 
 
+def test_hub_name_offline_is_one_line_error(monkeypatch, tmp_path):
+    # A hub name reaches the interop loader (not "file not found"); offline it says what to download.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find locally
+    proc = run_cli("generate", "--checkpoint", "gpt2", "--max-new-tokens", "2")
+    _assert_one_line_error(proc, "openai-community/gpt2")
+
+
 def test_unknown_character_in_prompt(capsys):
     assert main(["generate", "--preset", "tiny", "--prompt", "héllo", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
