@@ -27,6 +27,9 @@ TORCH_LIBRARY(gptfast, m) {
   m.def(
       "gelu_mlp_bwd(Tensor dy, Tensor x, Tensor w_fc, Tensor w_proj, Tensor pre) "
       "-> (Tensor dx, Tensor dw_fc, Tensor db_fc, Tensor dw_proj, Tensor db_proj)");
+  // x: (M, K); weight: (N, K) (nn.Linear layout); bias: (N,) or None. Returns x weight^T + bias,
+  // (M, N) contiguous, x's dtype. A kernel for small M (batched decoding): see csrc/cpu/skinny_linear.cpp.
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // q: (B, H, Tq, D); caches: (B, H, T_max, D); cache_lens: (B,) int64. See gptfast/ops/reference.py.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // logits: (B, V); uniform: (B,) fp32 draws in [0, 1) made by the caller (torch.rand with the user's

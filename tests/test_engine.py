@@ -336,6 +336,13 @@ def test_benchmark_generate_rows_schema():
     assert by["hf"]["speedup_vs_hf"] == pytest.approx(1.0)
     assert 0 < by["engine[torch]"]["pct_of_bound"]
 
+    # The CLI prints these rows (`gptfast bench generate`): both table writers must take them.
+    from gptfast.bench import records
+    from gptfast.bench_generate import format_rows
+
+    assert "engine[torch]" in format_rows(rows)
+    assert "engine[torch]" in records.format_table(rows, "cpu", "generate")
+
 
 # ----------------------------------------------------------------------------- CLI
 

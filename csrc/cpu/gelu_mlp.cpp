@@ -8,6 +8,10 @@
 // - backward: dh = dy w_proj; one pass over (pre, dh) recomputes h = gelu(pre) (needed for
 //   dw_proj = dy^T h), turns dh into dpre = dh * gelu'(pre) in place and accumulates db_fc's
 //   column sums in per-chunk buffers: eager PyTorch spends a separate pass on each of these.
+// - forward with few rows (M <= kSkinnyMaxM, fp32: batched decoding): both matmuls use the skinny
+//   kernel (skinny_linear.cpp), which streams each weight once where addmm does not; b_fc is added
+//   as pre is stored and GELU runs as its epilogue, on each thread's columns while they are in
+//   cache. Same pre / y as the addmm path up to fp32 summation order.
 // GELU's tanh uses a vectorisable exp (simd.h) instead of libm's scalar tanhf.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +21,7 @@
 #include <cmath>
 
 #include "simd.h"
+#include "skinny_linear.h"
 
 namespace gptfast {
 namespace {
@@ -109,6 +114,31 @@ void check_weights(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor
               ") to match w_fc ", w_fc.sizes(), ", got ", w_proj.sizes());
 }
 
+// Few rows, fp32, weights with unit inner stride (nn.Linear's own; a transposed view would need a
+// copy of the weight, so those keep the addmm path): see the header comment.
+std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_skinny(const at::Tensor& x_, const at::Tensor& w_fc,
+                                                       const c10::optional<at::Tensor>& b_fc,
+                                                       const at::Tensor& w_proj,
+                                                       const c10::optional<at::Tensor>& b_proj) {
+  const at::Tensor x = x_.contiguous();  // (M, C): a few KB
+  const int64_t M = x.size(0), C = x.size(1), F = w_fc.size(0), C_out = w_proj.size(0);
+  at::Tensor pre = at::empty({M, F}, x.options());
+  at::Tensor h = at::empty({M, F}, x.options());
+  at::Tensor y = at::empty({M, C_out}, x.options());
+  if (M == 0) return {y, pre};
+  const at::Tensor bf = b_fc.has_value() ? b_fc->contiguous() : at::Tensor();
+  const at::Tensor bp = b_proj.has_value() ? b_proj->contiguous() : at::Tensor();
+  float* pp = pre.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  skinny_linear_f32(x.data_ptr<float>(), C, w_fc.data_ptr<float>(), w_fc.stride(0),
+                    bf.defined() ? bf.data_ptr<float>() : nullptr, pp, M, F, C, [&](int64_t n0, int64_t n1) {
+                      for (int64_t m = 0; m < M; ++m) gelu_fwd_f32(pp + m * F + n0, hp + m * F + n0, n1 - n0);
+                    });
+  skinny_linear_f32(hp, F, w_proj.data_ptr<float>(), w_proj.stride(0), bp.defined() ? bp.data_ptr<float>() : nullptr,
+                    y.data_ptr<float>(), M, C_out, F);
+  return {y, pre};
+}
+
 std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd(const at::Tensor& x, const at::Tensor& w_fc,
                                                 const c10::optional<at::Tensor>& b_fc, const at::Tensor& w_proj,
                                                 const c10::optional<at::Tensor>& b_proj) {
@@ -117,6 +147,10 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd(const at::Tensor& x, const at::T
   check_weights(x, w_fc, w_proj, op);
   check_bias(b_fc, "b_fc", w_fc.size(0), x, op);
   check_bias(b_proj, "b_proj", w_proj.size(0), x, op);
+  if (x.scalar_type() == at::kFloat && x.size(0) <= kSkinnyMaxM && w_fc.stride(1) == 1 &&
+      w_proj.stride(1) == 1 && w_fc.size(1) > 1 && w_proj.size(1) > 1) {
+    return gelu_mlp_fwd_skinny(x, w_fc, b_fc, w_proj, b_proj);
+  }
   // (M, F) pre-activation; addmm handles any strides of x and the transposed weight view.
   at::Tensor pre = b_fc.has_value() ? at::addmm(*b_fc, x, w_fc.t()) : at::mm(x, w_fc.t());
   pre = pre.contiguous();

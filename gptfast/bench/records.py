@@ -106,7 +106,9 @@ def format_table(rows: list[dict], device: str, title: str, footer: list[str] = 
     lines = []
     for r in rows:
         if r.get("median_ms") is not None:
-            t = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}/{r['p80_ms']:.3f})"
+            t = f"{r['median_ms']:.3f}"
+            if r.get("p20_ms") is not None and r.get("p80_ms") is not None:
+                t += f" ({r['p20_ms']:.3f}/{r['p80_ms']:.3f})"
         else:
             t = "-"
         pct = "-" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}%"
@@ -185,8 +187,9 @@ def save_run(out_dir: str | os.PathLike, suite: str, meta: dict, rows: list[dict
 def command_line(args) -> str:
     """The exact command that reproduces this run (from the parsed arguments)."""
     parts = ["gptfast", "bench", args.suite, "--device", args.device, "--dtype", args.dtype,
-             "--backends", ",".join(args.backends), "--out", str(args.out), "--threads", str(args.threads),
-             "--repeats", str(args.repeats)]
+             "--backends", ",".join(args.backends), "--out", str(args.out), "--threads", str(args.threads)]
+    if getattr(args, "repeats_given", True):  # else each suite's default (ops 20, generate 3; quick: 5, 1)
+        parts += ["--repeats", str(args.repeats)]
     if args.quick:
         parts.append("--quick")
     if args.suite in ("train", "all"):

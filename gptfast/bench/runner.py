@@ -80,6 +80,9 @@ def _resolve_args(args) -> None:
     args.backends = list(dict.fromkeys(names))
     if args.threads is None:
         args.threads = torch.get_num_threads()
+    # A generation run is whole sequences (seconds each), not one op call: fewer repeats.
+    args.generate_repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.repeats_given = args.repeats is not None  # the recorded command repeats only what was typed
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
     if args.steps is None:
@@ -272,7 +275,7 @@ def suite_generate(args, meta: dict) -> tuple[list[dict], list[dict], dict | Non
         return [new_row("generate", op="generate", backend="-", status="unavailable",
                         reason=f"not available: {reason}")], [], None
     offered = dict(device=args.device, dtype=args.dtype, backends=list(args.backends), quick=args.quick,
-                   threads=args.threads, repeats=args.repeats, seed=args.seed)
+                   threads=args.threads, repeats=getattr(args, "generate_repeats", args.repeats), seed=args.seed)
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs = offered
@@ -472,7 +475,15 @@ def run_suite(suite: str, args) -> Path:
         footer = train_footer(args)
     else:
         footer = ["generate: rows from benchmark_generate (see gptfast.engine)"]
-    print(records.format_table(rows, args.device, f"bench {suite} ({where})", footer))
+    if suite == "generate" and any(r.get("backend") == "bound" for r in rows):  # benchmark_generate rows
+        from gptfast.bench_generate import format_rows
+
+        print(f"\n== bench generate ({where}) ==")
+        print(format_rows(rows))
+        print("tok/s = batch x new tokens / wall time of generate(); vs HF = tok/s / Hugging Face's, same "
+              "run; % bound = time of the bandwidth bound (read-only GB/s of this run / bytes per step) / time")
+    else:
+        print(records.format_table(rows, args.device, f"bench {suite} ({where})", footer))
     if scale_rows:
         print(records.format_table(scale_rows, args.device, "causal attention fwd vs T (B1 H12 D64)", []))
     json_path, csv_path = records.save_run(args.out, suite, meta, rows, peaks, scale_rows)

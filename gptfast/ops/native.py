@@ -276,6 +276,14 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, cache_lens, scale):
         return _empty(tuple(q.shape), q)
 
+    @reg("gptfast::skinny_linear")
+    def _(x, weight, bias):
+        _fake_check(x.dim() == 2 and weight.dim() == 2, "skinny_linear: x and weight must be 2-D")
+        _fake_check(weight.shape[1] == x.shape[1], f"skinny_linear: weight must have shape (N, {x.shape[1]})")
+        _fake_check(bias is None or tuple(bias.shape) == (weight.shape[0],),
+                    f"skinny_linear: bias must have shape ({weight.shape[0]},)")
+        return _empty((x.shape[0], weight.shape[0]), x)
+
     @reg("gptfast::sample")
     def _(logits, temperature, top_k, top_p, uniform):
         _fake_check(logits.dim() == 2, f"sample: logits must be 2-D (B, V), got {tuple(logits.shape)}")
@@ -327,11 +335,24 @@ def _attention_backward(ctx, dout, _dlse):
     return dq, dk, dv, None
 
 
+def _skinny_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _skinny_backward(ctx, dy):
+    # Training-size shapes: plain ATen matmuls (the kernel is a forward for few rows).
+    x, weight = ctx.saved_tensors
+    return dy @ weight, dy.t() @ x, (dy.sum(0) if ctx.has_bias else None)
+
+
 def _register_autograd() -> None:
     reg = torch.library.register_autograd
     reg("gptfast::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
     reg("gptfast::gelu_mlp_fwd", _mlp_backward, setup_context=_mlp_setup)
     reg("gptfast::causal_attention_fwd", _attention_backward, setup_context=_attention_setup)
+    reg("gptfast::skinny_linear", _skinny_backward, setup_context=_skinny_setup)
 
 
 def _register_python_parts() -> None:
@@ -413,6 +434,30 @@ def gelu_mlp(
     C = x.shape[-1]
     y, _pre = torch.ops.gptfast.gelu_mlp_fwd(x.reshape(-1, C), w_fc, b_fc, w_proj, b_proj)  # (M, C_out)
     return y.view(*x.shape[:-1], w_proj.shape[0])
+
+
+# Largest M for which `skinny_linear` beats torch.mm / addmm on CPU fp32 (measured; the C++ side
+# uses the same number, kSkinnyMaxM in csrc/cpu/skinny_linear.h, inside gelu_mlp's forward).
+SKINNY_MAX_M = 16
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T + bias (N,) -> (M, N): `F.linear` for a few rows (CPU, fp32/fp64).
+
+    Streams the weight once whatever M is (batched decoding); weight in nn.Linear layout, inner
+    stride 1 (anything else is copied first). Differentiable (backward with ATen matmuls).
+    """
+    ensure_loaded()
+    return torch.ops.gptfast.skinny_linear(x, weight, bias)
+
+
+def skinny_linear_available(device_type: str = "cpu") -> bool:
+    """Whether the loaded library has a `skinny_linear` kernel for the device (False if not built)."""
+    try:
+        ensure_loaded()
+    except RuntimeError:
+        return False
+    return device_type in ("cpu", "cuda") and _has_kernel("skinny_linear", device_type)
 
 
 def sample(

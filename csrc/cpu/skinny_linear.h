@@ -1,0 +1,29 @@
+// Skinny linear (small M) on CPU, shared by skinny_linear.cpp (the op) and gelu_mlp.cpp (its
+// small-M forward). See skinny_linear.cpp for the algorithm.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+
+namespace gptfast {
+
+// Up to this many rows, the skinny kernel beats ATen's addmm (MKL sgemm) on this project's CPU:
+// measured 768->{768, 2304, 3072}, 3072->768 and 768->50257 (see skinny_linear.cpp). Callers
+// that choose between the two paths use it (gelu_mlp's forward; the engine's decode step reads
+// the same number through gptfast.ops.native.SKINNY_MAX_M).
+constexpr int64_t kSkinnyMaxM = 16;
+
+// out (M, N) = x (M, K) @ w (N, K)^T (+ bias (N,)), fp32. x rows are ldx apart, w rows ldw apart
+// (both with inner stride 1); out is contiguous (M, N). Parallel over N; `epilogue(n0, n1)`, if
+// given, runs on the thread that computed columns [n0, n1) of every row, right after it did
+// (the columns are still in its cache).
+void skinny_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* out,
+                       int64_t M, int64_t N, int64_t K,
+                       const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
+
+// The op: checks its inputs (errors name `op`), returns x @ weight^T + bias as a new (M, N) tensor.
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+}  // namespace gptfast

@@ -1,0 +1,150 @@
+"""skinny_linear (native CPU, x @ w.T + b for few rows): vs an fp64 reference over row counts that
+hit every tile remainder, odd K / N, GPT-2 shapes, with and without bias, strided inputs, autograd,
+opcheck, clear errors; and gelu_mlp's small-M forward (which uses the same kernel) at GPT-2 shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptfast.ops import native, reference
+from tests.helpers import assert_close
+
+MS = [1, 2, 3, 5, 8, 13, 16, 17, 33]
+SHAPES = [(67, 131), (768, 2304), (5, 3), (1, 9)]  # (K, N)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _native():
+    if native.availability("cpu") is not None:
+        pytest.fail(f"native backend unavailable: {native.availability('cpu')}")
+    assert native.skinny_linear_available("cpu")
+
+
+def _inputs(M, K, N, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g, dtype=dtype)
+    w = torch.randn(N, K, generator=g, dtype=dtype) / K**0.5
+    b = torch.randn(N, generator=g, dtype=dtype)
+    return x, w, b
+
+
+def _ref(x, w, b):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+def _tol32(x, w, K):
+    # fp32 sums of K products of size |x||w| in another order than the fp64 reference: error
+    # ~ sqrt(K) ulp of the partial sums; 1e-5 relative to the sum of |products| is ~20x margin.
+    scale = (x.double().abs() @ w.double().abs().t()).max().item() + 1.0
+    return 1e-5 * scale
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_matches_fp64_reference(M, K, N, bias):
+    x, w, b = _inputs(M, K, N, seed=M * 1000 + K + N)
+    b = b if bias else None
+    y = native.skinny_linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (M, N) and y.is_contiguous()
+    assert_close(y, _ref(x, w, b), atol=_tol32(x, w, K), rtol=1e-5, what=f"M={M} K={K} N={N} bias={bias}")
+
+
+@pytest.mark.parametrize("M", [1, 4, 17])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp64(M, bias):
+    x, w, b = _inputs(M, 67, 131, torch.float64, seed=M)
+    b = b if bias else None
+    y = native.skinny_linear(x, w, b)
+    assert y.dtype == torch.float64
+    assert_close(y, _ref(x, w, b), atol=1e-12, rtol=1e-12, what=f"fp64 M={M}")
+
+
+def test_gpt2_head_and_mlp_shapes():
+    for K, N in [(768, 50257), (3072, 768), (768, 3072)]:
+        x, w, b = _inputs(8, K, N, seed=K + N)
+        assert_close(native.skinny_linear(x, w, b), _ref(x, w, b), atol=_tol32(x, w, K), rtol=1e-5,
+                     what=f"{K}->{N}")
+
+
+def test_noncontiguous_inputs():
+    x, w, b = _inputs(6, 67, 131)
+    xt = x.t().contiguous().t()  # (6, 67) with strides (1, 6)
+    assert not xt.is_contiguous()
+    assert_close(native.skinny_linear(xt, w, b), _ref(x, w, b), atol=_tol32(x, w, 67), rtol=1e-5, what="x.T view")
+    xs = torch.randn(6, 100)[:, 10:77]  # row stride 100, inner stride 1: used in place
+    assert_close(native.skinny_linear(xs, w, b), _ref(xs, w, b), atol=_tol32(xs, w, 67), rtol=1e-5, what="x slice")
+    wt = w.t().contiguous().t()  # (131, 67) with inner stride 131: copied
+    assert_close(native.skinny_linear(x, wt, b), _ref(x, w, b), atol=_tol32(x, w, 67), rtol=1e-5, what="w.T view")
+    ws = torch.randn(200, 67)[::2]  # every other row: row stride 134
+    assert_close(native.skinny_linear(x, ws, None), _ref(x, ws, None), atol=_tol32(x, ws, 67), rtol=1e-5,
+                 what="w row slice")
+    bs = torch.randn(262)[::2]
+    assert_close(native.skinny_linear(x, w, bs), _ref(x, w, bs), atol=_tol32(x, w, 67), rtol=1e-5, what="b slice")
+
+
+def test_empty_shapes():
+    w = torch.randn(5, 4)
+    assert native.skinny_linear(torch.randn(0, 4), w, None).shape == (0, 5)
+    assert native.skinny_linear(torch.randn(3, 4), torch.randn(0, 4), None).shape == (3, 0)
+    b = torch.randn(5)
+    assert torch.equal(native.skinny_linear(torch.randn(3, 0), torch.randn(5, 0), b), b.expand(3, 5))
+
+
+def test_autograd_and_gradcheck():
+    x, w, b = (t.requires_grad_() for t in _inputs(3, 5, 7, torch.float64))
+    assert torch.autograd.gradcheck(native.skinny_linear, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: native.skinny_linear(x, w, None), (x, w))
+
+
+def test_opcheck():
+    native.load_extension()
+    x, w, b = _inputs(5, 67, 131)
+    torch.library.opcheck(torch.ops.gptfast.skinny_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.gptfast.skinny_linear.default, (x, w, None))
+    xg, wg, bg = (t.requires_grad_() for t in _inputs(3, 9, 10))
+    torch.library.opcheck(torch.ops.gptfast.skinny_linear.default, (xg, wg, bg))
+
+
+def test_errors():
+    native.load_extension()
+    f = torch.ops.gptfast.skinny_linear
+    x, w, b = _inputs(4, 8, 16)
+    with pytest.raises(RuntimeError, match=r"skinny_linear: x must be float32 or float64, got Half"):
+        f(x.half(), w.half(), None)
+    with pytest.raises(RuntimeError, match="skinny_linear: weight must have x's dtype Float, got Double"):
+        f(x, w.double(), b)
+    with pytest.raises(RuntimeError, match="skinny_linear: bias must have x's dtype Float, got Double"):
+        f(x, w, b.double())
+    with pytest.raises(RuntimeError, match=r"skinny_linear: weight must have shape \(N, 8\) to match x"):
+        f(x, w[:, :7], b)
+    with pytest.raises(RuntimeError, match=r"skinny_linear: bias must have shape \(16\), got \[15\]"):
+        f(x, w, b[:15])
+    with pytest.raises(RuntimeError, match=r"skinny_linear: x must be 2-D \(M, K\), got shape \[8\]"):
+        f(x[0], w, b)
+    with pytest.raises(RuntimeError, match=r"skinny_linear: weight must be 2-D \(N, K\)"):
+        f(x, w[0], b)
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(RuntimeError, match="skinny_linear: weight must be a CPU tensor"):
+        f.default.redispatch(cpu, x, w.to("meta"), b)
+
+
+@pytest.mark.parametrize("M", [1, 8, 16, 17])
+def test_gelu_mlp_small_m_path_matches_reference(M):
+    """gelu_mlp's forward takes the skinny path for M <= 16 (fp32, unit-stride weights) and addmm
+    above: both must give the reference's y and the pre-activation it returns for backward."""
+    g = torch.Generator().manual_seed(M)
+    C, Fh = 768, 3072
+    x = torch.randn(M, C, generator=g)
+    w_fc, b_fc = torch.randn(Fh, C, generator=g) / C**0.5, torch.randn(Fh, generator=g)
+    w_proj, b_proj = torch.randn(C, Fh, generator=g) / Fh**0.5, torch.randn(C, generator=g)
+    y, pre = torch.ops.gptfast.gelu_mlp_fwd(x, w_fc, b_fc, w_proj, b_proj)
+    pre_ref = _ref(x, w_fc, b_fc)
+    assert_close(pre, pre_ref, atol=_tol32(x, w_fc, C), rtol=1e-5, what="pre")
+    y_ref = reference.gelu_mlp(*(t.double() for t in (x, w_fc, b_fc, w_proj, b_proj)))
+    assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
+    # Transposed-view weights (the addmm path whatever M) agree with the skinny path.
+    y2, pre2 = torch.ops.gptfast.gelu_mlp_fwd(x, w_fc.t().contiguous().t(), b_fc, w_proj.t().contiguous().t(), b_proj)
+    assert_close(y2, y, atol=1e-4, rtol=1e-4, what="addmm path vs skinny path")
