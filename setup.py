@@ -8,6 +8,7 @@ package still installs, and `gptfast.ops.native` JIT-builds the extension on fir
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -32,6 +33,12 @@ def _extensions():
     spec = importlib.util.spec_from_file_location("_gptfast_build", os.path.join(HERE, "gptfast", "_build.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
+    if "bdist_wheel" in sys.argv and "GPTFAST_PORTABLE_BUILD" not in os.environ:
+        # A wheel (`python -m build`, `pip wheel`, `pip install .`) may run on another CPU: no
+        # -march=native unless asked for (GPTFAST_PORTABLE_BUILD=0). Editable installs
+        # (`pip install -e .`, the README's) build for this machine.
+        os.environ["GPTFAST_PORTABLE_BUILD"] = "1"
+        print("gptfast: building a wheel: portable CPU kernels (GPTFAST_PORTABLE_BUILD=1)")
     kw = build.extension_kwargs(HERE, for_setup=True)
     # setuptools refuses absolute source paths (editable builds check it): relative to setup.py.
     kw["sources"] = [os.path.relpath(p, HERE) for p in kw["sources"]]

@@ -24,6 +24,9 @@ TORCH_LIBRARY(gptfast, m) {
   m.def(
       "gelu_mlp_fwd(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj) "
       "-> (Tensor y, Tensor pre)");
+  // The forward when nothing needs gradients (inference, generation): y only, and the CPU kernel
+  // applies GELU in place on its one (M, F) buffer instead of keeping pre and h both alive.
+  m.def("gelu_mlp_infer(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj) -> Tensor y");
   m.def(
       "gelu_mlp_bwd(Tensor dy, Tensor x, Tensor w_fc, Tensor w_proj, Tensor pre) "
       "-> (Tensor dx, Tensor dw_fc, Tensor db_fc, Tensor dw_proj, Tensor db_proj)");

@@ -3,9 +3,10 @@
 Kept free of gptfast imports: setup.py loads this file by path.
 
 Two builds use these settings:
-- `setup.py` (`pip install --no-build-isolation -e .`): a distributable `gptfast._C`, so no
-  `-march=native`; the hot CPU loops carry `target_clones` (see csrc/cpu/simd.h) and pick AVX-512 /
-  AVX2 / baseline code at load time.
+- `setup.py` (`pip install --no-build-isolation -e .`): `gptfast._C`, tuned with `-march=native` for
+  the machine that builds it; a wheel for other machines (`GPTFAST_PORTABLE_BUILD=1`, the default
+  when setup.py runs `bdist_wheel`) has no `-march=native`: its hot CPU loops carry `target_clones`
+  (see csrc/cpu/simd.h) and pick AVX-512 / AVX2 / baseline code at load time.
 - `gptfast.ops.native` JIT-builds the same sources with `torch.utils.cpp_extension.load` when
   `gptfast._C` is absent or stale; it runs on the machine that builds it, so `-march=native` is fine.
 
@@ -61,6 +62,11 @@ def with_cuda(root: str) -> bool:
 DEFAULT_CUDA_ARCHS = "80;90"  # A100 / H100; override with GPTFAST_CUDA_ARCHS="80;86;89;90"
 
 
+def cuda_archs_default() -> list[str]:
+    """The archs a build without $GPTFAST_CUDA_ARCHS ships (what CI compiles): ["80", "90"]."""
+    return DEFAULT_CUDA_ARCHS.split(";")
+
+
 def cuda_archs() -> list[str]:
     """Compute capabilities to build for, from $GPTFAST_CUDA_ARCHS (e.g. "80;90"; "90a" allowed)."""
     raw = os.environ.get("GPTFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
@@ -103,7 +109,11 @@ def extension_kwargs(root: str, for_setup: bool) -> dict:
     # backend); without the flag the pragma is ignored and every kernel runs on one thread. The
     # link flag adds libgomp.so.1, which resolves to the copy torch has already loaded (same soname),
     # so the extension shares torch's thread pool and honours torch.set_num_threads.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fno-trapping-math: we never read floating-point exception flags, and without it GCC will
+    # not if-convert a float comparison inside a loop (e.g. the clamps of simd.h's fast_exp), so
+    # every such loop stayed scalar: GELU's pass over the MLP's (M, 3072) activations ran 8x slower.
+    # It changes no result (no reassociation, no contraction: that is -ffast-math's business).
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
     if for_setup and os.environ.get("GPTFAST_PORTABLE_BUILD") == "1":
         # Wheels for other machines: baseline x86-64 plus GCC target_clones of the kernel entry
         # points (csrc/cpu/simd.h). Slower: code inside at::parallel_for lambdas is not cloned.
@@ -111,10 +121,21 @@ def extension_kwargs(root: str, for_setup: bool) -> dict:
     else:
         # `pip install -e .` builds on the machine that runs it: tune for it, as the JIT build does.
         cxx.append("-march=native")
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("GPTFAST_SANITIZE")
+    if sanitize:
+        # Debug builds for tests/run_sanitizers.sh, e.g. GPTFAST_SANITIZE=address,undefined: the flags
+        # are part of sources_hash, so such a build gets its own JIT directory and never replaces the
+        # normal one. Python itself is not instrumented: the script LD_PRELOADs the runtime.
+        if not all(part in ("address", "undefined") for part in sanitize.split(",")):
+            raise ValueError(f"GPTFAST_SANITIZE: expected 'address', 'undefined' or both, got {sanitize!r}")
+        san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+        cxx += san
+        link += san
     extra = {"cxx": cxx}
     if cuda:
         extra["nvcc"] = nvcc_flags()
-    return {"sources": sources, "extra_compile_args": extra, "extra_link_args": ["-fopenmp"], "with_cuda": cuda}
+    return {"sources": sources, "extra_compile_args": extra, "extra_link_args": link, "with_cuda": cuda}
 
 
 def sources_hash(root: str, for_setup: bool) -> str:

@@ -1,12 +1,10 @@
 """CI compile check of the CUDA sources, no GPU needed.
 
-Default run: every csrc/cuda/*.cu compiled with `nvcc -c` for sm_90 (the H100 the project targets),
-plus `g++ -fsyntax-only` of csrc/cuda/bindings.cpp against the torch wheel's headers, in parallel
-(2 workers), into tmp_path. `-m slow` adds the full matrix the build ships: sm_80 + sm_90 in one
-nvcc call per file (`-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90`).
-Why one arch by default: attention.cu holds 36 kernel instantiations (3 dtypes x 4 head dims x
-3 kernels); a second arch doubles cicc + ptxas time (~15 s CPU per arch on this 2-core machine,
-far more wall time when it is shared), and sm_80 / sm_90 share all of the source-level checking.
+Default run: every csrc/cuda/*.cu compiled with `nvcc -c` for sm_80 and sm_90 in one call per file
+(`-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90`, the archs the build
+ships by default: A100 and H100), plus `g++ -fsyntax-only` of csrc/cuda/bindings.cpp against the
+torch wheel's headers, in parallel (2 workers), into tmp_path. attention.cu (36 kernel
+instantiations: 3 dtypes x 4 head dims x 3 kernels) is most of the ~30 s this takes on 2 cores.
 
 Flags: gptfast._build.nvcc_flags (exactly what the extension is built with) + the half / bfloat16
 operator guards torch's build defines + warnings as errors (host: -Wall -Wextra -Werror; device:
@@ -104,13 +102,10 @@ def _compile_all(tmp: Path, archs: list[str], with_bindings: bool) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def sm90_build(tmp_path_factory):
-    return _compile_all(tmp_path_factory.mktemp("cuda_sm90"), ["90"], with_bindings=True)
-
-
-@pytest.fixture(scope="module")
-def full_build(tmp_path_factory):
-    return _compile_all(tmp_path_factory.mktemp("cuda_sm80_sm90"), ["80", "90"], with_bindings=False)
+def build(tmp_path_factory):
+    archs = _build.cuda_archs_default()
+    return _compile_all(tmp_path_factory.mktemp("cuda_" + "_".join(f"sm{a}" for a in archs)), archs,
+                        with_bindings=True)
 
 
 def _assert_ok(results, name):
@@ -125,24 +120,21 @@ def test_cuda_sources_exist():
     assert (CUDA_DIR / "bindings.cpp").is_file() and (CUDA_DIR / "launch.h").is_file()
 
 
+def test_default_archs_are_sm80_and_sm90():
+    assert _build.cuda_archs_default() == ["80", "90"]
+
+
 @needs_nvcc
 @pytest.mark.parametrize("name", [p.name for p in CU_FILES])
-def test_cu_compiles_sm90(sm90_build, name):
-    _assert_ok(sm90_build, name)
+def test_cu_compiles_sm80_sm90(build, name):
+    _assert_ok(build, name)
 
 
 @needs_nvcc
-def test_bindings_syntax(sm90_build):
-    if "bindings.cpp" not in sm90_build:
+def test_bindings_syntax(build):
+    if "bindings.cpp" not in build:
         pytest.skip("the torch wheel ships no c10/cuda headers (or no CUDA include dir / g++): cannot syntax-check")
-    _assert_ok(sm90_build, "bindings.cpp")
-
-
-@needs_nvcc
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [p.name for p in CU_FILES])
-def test_cu_compiles_sm80_sm90(full_build, name):
-    _assert_ok(full_build, name)
+    _assert_ok(build, "bindings.cpp")
 
 
 def test_nvcc_flags_follow_env(monkeypatch):

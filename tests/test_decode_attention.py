@@ -67,6 +67,8 @@ def test_native_is_available_for_decode():
         (3, 2, 200, 80, [65, 127, 129]),  # lengths ending mid-chunk / just past a chunk
         (1, 1, 1000, 16, [999]),  # one head: the cache length is split across tasks (split-K)
         (2, 1, 9, 128, [4, 9]),
+        (1, 2, 150, 20, [150]),  # D not a multiple of 8: the scalar fp32 path
+        (2, 2, 140, 200, [70, 140]),  # D = 3 * 64 + 8: register blocks of 64 columns plus a tail
     ],
 )
 def test_native_matches_reference(B, H, T_max, D, lens, Tq):

@@ -78,9 +78,37 @@ def test_gelu_large_arguments():
     assert_close(y, reference.gelu_mlp(x, eye, None, eye, None), atol=1e-6, rtol=1e-6, what="saturation")
 
 
+# Inference (nothing requires grad, or grad mode off): native calls gptfast::gelu_mlp_infer, which
+# applies GELU in place on its single (M, F) buffer. M <= 16 takes the skinny-matmul path, larger M
+# the addmm path; transposed weights force addmm at any M.
+@pytest.mark.parametrize("M,C,F,C_out,bias", [(1, 8, 32, 8, True), (16, 24, 72, 24, False), (17, 24, 72, 24, True),
+                                              (97, 40, 130, 17, True), (300, 64, 256, 64, False)])
+def test_native_inference_path(M, C, F, C_out, bias, monkeypatch):
+    native.load_extension()
+    x, w_fc, b_fc, w_proj, b_proj = _inputs(M, C, F, C_out, bias, seed=M)
+    calls = []
+    real = torch.ops.gptfast.gelu_mlp_infer
+    monkeypatch.setattr(torch.ops.gptfast, "gelu_mlp_infer", lambda *a: calls.append(1) or real(*a))
+    y_ref = reference.gelu_mlp(x, w_fc, b_fc, w_proj, b_proj)
+    assert_close(ops.gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, backend="native"), y_ref, **TOL, what="no requires_grad")
+    with torch.no_grad():
+        xg = x.clone().requires_grad_()
+        assert_close(ops.gelu_mlp(xg, w_fc, b_fc, w_proj, b_proj, backend="native"), y_ref, **TOL, what="no_grad")
+        wt = w_fc.t().contiguous().t()  # same values, transposed storage
+        assert_close(ops.gelu_mlp(x, wt, b_fc, w_proj, b_proj, backend="native"), y_ref, **TOL, what="strided w_fc")
+    assert len(calls) == 3, "the inference forward was not used"
+    y_train = ops.gelu_mlp(x.clone().requires_grad_(), w_fc, b_fc, w_proj, b_proj, backend="native")
+    assert len(calls) == 3 and y_train.requires_grad, "a forward needing gradients must save pre (gelu_mlp_fwd)"
+    x64 = [t.double() if t is not None else None for t in (x, w_fc, b_fc, w_proj, b_proj)]
+    assert_close(real(*x64), reference.gelu_mlp(*x64), atol=1e-12, rtol=1e-12, what="fp64")
+
+
 def test_opcheck():
     native.load_extension()
     x, w_fc, b_fc, w_proj, b_proj = _inputs(6, 8, 20, 5)
+    torch.library.opcheck(torch.ops.gptfast.gelu_mlp_infer.default, (x, w_fc, b_fc, w_proj, b_proj))
+    xl = torch.randn(40, 8)  # past the skinny path
+    torch.library.opcheck(torch.ops.gptfast.gelu_mlp_infer.default, (xl, w_fc, None, w_proj, b_proj))
     torch.library.opcheck(torch.ops.gptfast.gelu_mlp_fwd.default,
                           (x.requires_grad_(), w_fc.requires_grad_(), b_fc, w_proj, None))
     y, pre = torch.ops.gptfast.gelu_mlp_fwd(x.detach(), w_fc.detach(), b_fc, w_proj, b_proj)
@@ -97,6 +125,10 @@ def test_errors():
     f = torch.ops.gptfast.gelu_mlp_fwd
     with pytest.raises(RuntimeError, match=r"gelu_mlp_fwd: w_fc must have shape \(F, 8\)"):
         f(x, w_fc[:, :7], b_fc, w_proj, b_proj)
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_infer: w_fc must have shape \(F, 8\)"):
+        torch.ops.gptfast.gelu_mlp_infer(x, w_fc[:, :7], b_fc, w_proj, b_proj)
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_infer: b_proj must have shape \(8\)"):
+        torch.ops.gptfast.gelu_mlp_infer(x, w_fc, b_fc, w_proj, b_proj[:3])
     with pytest.raises(RuntimeError, match=r"gelu_mlp_fwd: b_fc must have shape \(16\)"):
         f(x, w_fc, b_fc[:3], w_proj, b_proj)
     with pytest.raises(RuntimeError, match=r"gelu_mlp_fwd: x must be 2-D"):

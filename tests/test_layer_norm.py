@@ -53,6 +53,15 @@ def test_matches_reference(backend, M, N):
     _check_against_reference(backend, *_inputs(M, N, seed=M * 1000 + N))
 
 
+# Outputs of >= 4 MiB (kStreamMinBytes in csrc/cpu/simd.h) are written with non-temporal stores,
+# which need 32-byte aligned addresses: rows of 771 floats start at every alignment, so each row
+# peels a different head before its aligned middle and scalar tail (dx in backward likewise).
+@pytest.mark.parametrize("M,N,affine", [(1400, 771, True), (1366, 768, True), (1400, 771, False)])
+def test_native_large_outputs_streaming_stores(M, N, affine):
+    assert M * N * 4 >= 4 << 20, "below kStreamMinBytes: this test would not reach the streaming path"
+    _check_against_reference("native", *_inputs(M, N, affine=affine, seed=N))
+
+
 @pytest.mark.parametrize("backend", available_backends("layer_norm", dtype=torch.float32, n=768))
 def test_no_affine_and_3d_and_noncontiguous(backend):
     x, _, _ = _inputs(8, 33)

@@ -45,56 +45,6 @@ constexpr int64_t kTile = 64;   // query and key tile (BQ = BK)
 constexpr int64_t kLanes = 16;  // columns per micro-kernel block; head dims are padded to a multiple
 constexpr int64_t kMaxHeadDim = 256;  // buffers only; nothing in the kernels depends on it
 
-// 256-bit GCC vectors (8 floats / 4 doubles): native on AVX2 (16 ymm registers) and on AVX-512
-// (where 256-bit ops use ymm0-31). A wider generic vector is split by GCC through the stack on
-// AVX2, which was 7x slower. fp64 exists for gradcheck only; its speed does not matter.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kN = 32 / sizeof(T);
-};
-
-template <typename T>
-GPTFAST_INLINE typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));  // unaligned load (vmovups)
-  return v;
-}
-
-template <typename T>
-GPTFAST_INLINE void vstore(T* p, typename Vec<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-using Vf = Vec<float>::type;
-typedef int32_t Vi __attribute__((vector_size(32)));
-
-// exp of 8 floats: simd.h's fast_exp (Cephes polynomial, ~1-2 ulp, exp(x < -87.3) = 0 so a
-// masked -inf score gives probability exactly 0) written with vector types. GCC's vectoriser
-// leaves the scalar version inside the row loops below scalar (measured 5.4 us vs 30 us per
-// 64x64 softmax tile), so the row max, exp and sum of a score row are written out by hand.
-GPTFAST_INLINE Vf vexp(Vf x) {
-  const Vf lo = Vf{} - 87.3f, hi = Vf{} + 88.3f;
-  const Vi tiny = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const Vf n = (x * 1.44269504088896341f + shifter) - shifter;
-  const Vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  Vf p = Vf{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const Vi bits = (__builtin_convertvector(n, Vi) + 127) << 23;
-  Vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const Vf res = p * scale;
-  return tiny ? Vf{} : res;
-}
-
 // Row max of 64 floats (m0 included), as a tree of vector maxes.
 GPTFAST_INLINE float row_max64(const float* row, float m0) {
   Vf v[8];

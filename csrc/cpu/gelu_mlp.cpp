@@ -5,6 +5,8 @@
 // - forward: addmm writes pre = x w_fc^T + b_fc; one vectorised parallel pass reads pre and writes
 //   h = gelu(pre). pre is returned (and saved for backward), h is not: saving only one (M, F)
 //   activation halves what the MLP keeps alive between forward and backward.
+// - inference (gelu_mlp_infer: nothing needs gradients): GELU in place on pre, so one (M, F)
+//   buffer instead of two and no separate write of h through memory.
 // - backward: dh = dy w_proj; one pass over (pre, dh) recomputes h = gelu(pre) (needed for
 //   dw_proj = dy^T h), turns dh into dpre = dh * gelu'(pre) in place and accumulates db_fc's
 //   column sums in per-chunk buffers: eager PyTorch spends a separate pass on each of these.
@@ -12,7 +14,8 @@
 //   kernel (skinny_linear.cpp), which streams each weight once where addmm does not; b_fc is added
 //   as pre is stored and GELU runs as its epilogue, on each thread's columns while they are in
 //   cache. Same pre / y as the addmm path up to fp32 summation order.
-// GELU's tanh uses a vectorisable exp (simd.h) instead of libm's scalar tanhf.
+// GELU's tanh uses a vectorisable exp (simd.h) instead of libm's scalar tanhf (the loops vectorise
+// only with -fno-trapping-math, see gptfast/_build.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -139,25 +142,11 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_skinny(const at::Tensor& x_, con
   return {y, pre};
 }
 
-std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd(const at::Tensor& x, const at::Tensor& w_fc,
-                                                const c10::optional<at::Tensor>& b_fc, const at::Tensor& w_proj,
-                                                const c10::optional<at::Tensor>& b_proj) {
-  const char* op = "gelu_mlp_fwd";
-  check_x(x, op);
-  check_weights(x, w_fc, w_proj, op);
-  check_bias(b_fc, "b_fc", w_fc.size(0), x, op);
-  check_bias(b_proj, "b_proj", w_proj.size(0), x, op);
-  if (x.scalar_type() == at::kFloat && x.size(0) <= kSkinnyMaxM && w_fc.stride(1) == 1 &&
-      w_proj.stride(1) == 1 && w_fc.size(1) > 1 && w_proj.size(1) > 1) {
-    return gelu_mlp_fwd_skinny(x, w_fc, b_fc, w_proj, b_proj);
-  }
-  // (M, F) pre-activation; addmm handles any strides of x and the transposed weight view.
-  at::Tensor pre = b_fc.has_value() ? at::addmm(*b_fc, x, w_fc.t()) : at::mm(x, w_fc.t());
-  pre = pre.contiguous();
-  at::Tensor h = at::empty_like(pre);
+// h = gelu(pre) over n elements, in parallel; h may be pre itself (in place).
+void gelu_fwd(const at::Tensor& pre, at::Tensor& h) {
   const int64_t n = pre.numel();
   if (n > 0) {
-    if (x.scalar_type() == at::kFloat) {
+    if (pre.scalar_type() == at::kFloat) {
       const float* pp = pre.data_ptr<float>();
       float* hp = h.data_ptr<float>();
       at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) { gelu_fwd_f32(pp + i0, hp + i0, i1 - i0); });
@@ -167,8 +156,50 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd(const at::Tensor& x, const at::T
       at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) { gelu_fwd_f64(pp + i0, hp + i0, i1 - i0); });
     }
   }
-  at::Tensor y = b_proj.has_value() ? at::addmm(*b_proj, h, w_proj.t()) : at::mm(h, w_proj.t());  // (M, C_out)
-  return {y, pre};
+}
+
+void check_fwd_args(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
+                    const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj, const char* op) {
+  check_x(x, op);
+  check_weights(x, w_fc, w_proj, op);
+  check_bias(b_fc, "b_fc", w_fc.size(0), x, op);
+  check_bias(b_proj, "b_proj", w_proj.size(0), x, op);
+}
+
+bool use_skinny(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor& w_proj) {
+  return x.scalar_type() == at::kFloat && x.size(0) <= kSkinnyMaxM && w_fc.stride(1) == 1 && w_proj.stride(1) == 1 &&
+         w_fc.size(1) > 1 && w_proj.size(1) > 1;
+}
+
+// (M, F) pre-activation x w_fc^T + b_fc; addmm handles any strides of x and the transposed weight view.
+at::Tensor fc(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc) {
+  return (b_fc.has_value() ? at::addmm(*b_fc, x, w_fc.t()) : at::mm(x, w_fc.t())).contiguous();
+}
+
+at::Tensor proj(const at::Tensor& h, const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
+  return b_proj.has_value() ? at::addmm(*b_proj, h, w_proj.t()) : at::mm(h, w_proj.t());  // (M, C_out)
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd(const at::Tensor& x, const at::Tensor& w_fc,
+                                                const c10::optional<at::Tensor>& b_fc, const at::Tensor& w_proj,
+                                                const c10::optional<at::Tensor>& b_proj) {
+  check_fwd_args(x, w_fc, b_fc, w_proj, b_proj, "gelu_mlp_fwd");
+  if (use_skinny(x, w_fc, w_proj)) return gelu_mlp_fwd_skinny(x, w_fc, b_fc, w_proj, b_proj);
+  at::Tensor pre = fc(x, w_fc, b_fc);  // saved for backward
+  at::Tensor h = at::empty_like(pre);
+  gelu_fwd(pre, h);
+  return {proj(h, w_proj, b_proj), pre};
+}
+
+// No gradients wanted: GELU in place, one (M, F) buffer (half the activation memory, and one
+// fewer pass of writes through memory).
+at::Tensor gelu_mlp_infer(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
+                          const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
+  check_fwd_args(x, w_fc, b_fc, w_proj, b_proj, "gelu_mlp_infer");
+  if (use_skinny(x, w_fc, w_proj)) return std::get<0>(gelu_mlp_fwd_skinny(x, w_fc, b_fc, w_proj, b_proj));
+  at::Tensor h = fc(x, w_fc, b_fc);
+  gelu_fwd(h, h);
+  return proj(h, w_proj, b_proj);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_bwd(
@@ -217,5 +248,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
   m.impl("gelu_mlp_fwd", &gptfast::gelu_mlp_fwd);
+  m.impl("gelu_mlp_infer", &gptfast::gelu_mlp_infer);
   m.impl("gelu_mlp_bwd", &gptfast::gelu_mlp_bwd);
 }

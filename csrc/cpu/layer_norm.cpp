@@ -3,11 +3,14 @@
 // Forward: one row (N <= a few thousand floats) is read from memory once and then stays in L1, so
 // the mean, the centred variance (two-pass, no cancellation unlike E[x^2] - E[x]^2) and the
 // output are computed from cache: one read of x and one write of y per element, the minimum.
-// Rows are split over threads with at::parallel_for.
+// The two row sums use four vector accumulators (one would make every add wait on the last), and
+// outputs of >= 4 MiB are written with non-temporal stores (simd.h: no read-for-ownership of y's
+// lines, 1.3-1.45x on (8192, 768)). Rows are split over threads with at::parallel_for.
 // Backward (as in Apex / PyTorch's CPU kernel): with xhat = (x - mean) * rstd and g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum_rows dy * xhat,  db = sum_rows dy.
 // dw / db are accumulated per fixed chunk of rows into private buffers, then reduced in chunk
-// order: no atomics, no races, and results that do not depend on thread scheduling.
+// order: no atomics, no races, and results that do not depend on thread scheduling. A large dx
+// is streamed out like y.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,44 +26,80 @@ namespace {
 
 // ---------------------------------------------------------------------------- forward, fp32
 
+GPTFAST_INLINE float hsum(Vf v) {
+  float s = 0.0f;
+  for (int j = 0; j < 8; ++j) s += v[j];
+  return s;
+}
+
+// sum_i f(x[i]) over a row with four independent vector accumulators: a single accumulator makes
+// each add wait for the previous one (4-cycle latency), which at N = 768 cost as much as the
+// row's memory traffic.
+template <typename Fn>
+GPTFAST_INLINE float row_sum(const float* xr, int64_t N, Fn f) {
+  Vf a0 = Vf{}, a1 = Vf{}, a2 = Vf{}, a3 = Vf{};
+  int64_t i = 0;
+  for (; i + 32 <= N; i += 32) {
+    a0 += f(vload(xr + i));
+    a1 += f(vload(xr + i + 8));
+    a2 += f(vload(xr + i + 16));
+    a3 += f(vload(xr + i + 24));
+  }
+  for (; i + 8 <= N; i += 8) a0 += f(vload(xr + i));
+  float s = hsum((a0 + a1) + (a2 + a3));
+  for (; i < N; ++i) {
+    Vf one = Vf{};
+    one[0] = xr[i];
+    s += f(one)[0];
+  }
+  return s;
+}
+
 template <bool HAS_W, bool HAS_B>
 GPTFAST_INLINE void ln_fwd_rows_impl(const float* x, const float* w, const float* b, float* y,
                                      float* mean_out, float* rstd_out, int64_t r0, int64_t r1,
-                                     int64_t N, float eps) {
+                                     int64_t N, float eps, bool stream) {
   const float inv_n = 1.0f / static_cast<float>(N);
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * N;
     float* yr = y + r * N;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < N; ++i) s += xr[i];
-    const float mean = s * inv_n;
-    float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < N; ++i) {
-      const float d = xr[i] - mean;
-      ss += d * d;
-    }
+    const float mean = row_sum(xr, N, [](Vf v) { return v; }) * inv_n;
+    const float ss = row_sum(xr, N, [mean](Vf v) {
+      const Vf d = v - mean;
+      return d * d;
+    });
     const float rstd = 1.0f / std::sqrt(ss * inv_n + eps);
-#pragma omp simd
-    for (int64_t i = 0; i < N; ++i) {
+    auto one = [&](int64_t i) {
       float v = (xr[i] - mean) * rstd;
       if (HAS_W) v *= w[i];
       if (HAS_B) v += b[i];
       yr[i] = v;
+    };
+    int64_t i = 0;
+    if (stream) {
+      const int64_t head = stream_row_begin(yr, N);
+      for (; i < head; ++i) one(i);
     }
+    for (; i + 8 <= N; i += 8) {
+      Vf v = (vload(xr + i) - mean) * rstd;
+      if (HAS_W) v *= vload(w + i);
+      if (HAS_B) v += vload(b + i);
+      vstore_f32(yr + i, v, stream);
+    }
+    for (; i < N; ++i) one(i);
     mean_out[r] = mean;
     rstd_out[r] = rstd;
   }
+  if (stream) stream_fence();
 }
 
 GPTFAST_CLONES
 void ln_fwd_rows_f32(const float* x, const float* w, const float* b, float* y, float* mean_out,
-                     float* rstd_out, int64_t r0, int64_t r1, int64_t N, float eps) {
-  if (w && b) ln_fwd_rows_impl<true, true>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps);
-  else if (w) ln_fwd_rows_impl<true, false>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps);
-  else if (b) ln_fwd_rows_impl<false, true>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps);
-  else ln_fwd_rows_impl<false, false>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps);
+                     float* rstd_out, int64_t r0, int64_t r1, int64_t N, float eps, bool stream) {
+  if (w && b) ln_fwd_rows_impl<true, true>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps, stream);
+  else if (w) ln_fwd_rows_impl<true, false>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps, stream);
+  else if (b) ln_fwd_rows_impl<false, true>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps, stream);
+  else ln_fwd_rows_impl<false, false>(x, w, b, y, mean_out, rstd_out, r0, r1, N, eps, stream);
 }
 
 // ---------------------------------------------------------------------------- backward, fp32
@@ -69,7 +108,7 @@ void ln_fwd_rows_f32(const float* x, const float* w, const float* b, float* y, f
 GPTFAST_CLONES
 void ln_bwd_rows_f32(const float* dy, const float* x, const float* w, const float* mean,
                      const float* rstd, float* dx, float* dw_acc, float* db_acc, int64_t r0,
-                     int64_t r1, int64_t N) {
+                     int64_t r1, int64_t N, bool stream) {
   const float inv_n = 1.0f / static_cast<float>(N);
   for (int64_t r = r0; r < r1; ++r) {
     const float* dyr = dy + r * N;
@@ -98,13 +137,24 @@ void ln_bwd_rows_f32(const float* dy, const float* x, const float* w, const floa
       }
     }
     const float mg = sg * inv_n, mgx = sgx * inv_n;
-#pragma omp simd
-    for (int64_t i = 0; i < N; ++i) {
+    auto one = [&](int64_t i) {
       const float xh = (xr[i] - mu) * rs;
       const float g = w ? dyr[i] * w[i] : dyr[i];
       dxr[i] = rs * (g - mg - xh * mgx);
+    };
+    int64_t i = 0;
+    if (stream) {
+      const int64_t head = stream_row_begin(dxr, N);
+      for (; i < head; ++i) one(i);
     }
+    for (; i + 8 <= N; i += 8) {
+      const Vf xh = (vload(xr + i) - mu) * rs;
+      const Vf g = w ? vload(dyr + i) * vload(w + i) : vload(dyr + i);
+      vstore_f32(dxr + i, rs * (g - mg - xh * mgx), stream);
+    }
+    for (; i < N; ++i) one(i);
   }
+  if (stream) stream_fence();
 }
 
 // ---------------------------------------------------------------------------- fp64 (gradcheck)
@@ -169,8 +219,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     const float feps = static_cast<float>(eps);
+    const bool stream = M * N * int64_t(sizeof(float)) >= kStreamMinBytes;
     at::parallel_for(0, M, row_grain(N), [&](int64_t r0, int64_t r1) {
-      ln_fwd_rows_f32(xp, wp, bp, yp, mp, rp, r0, r1, N, feps);
+      ln_fwd_rows_f32(xp, wp, bp, yp, mp, rp, r0, r1, N, feps, stream);
     });
   } else {
     const double* xp = x.data_ptr<double>();
@@ -217,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   // Fixed chunks of rows (one per thread), each with private (dw, db) partial sums.
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
   const bool f32 = x.scalar_type() == at::kFloat;
+  const bool stream = M * N * int64_t(x.element_size()) >= kStreamMinBytes;  // dx: see simd.h
   at::Tensor partial = at::zeros({nchunks, 2, N}, x.options());  // [:, 0] dw, [:, 1] db
   if (M > 0) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -226,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
           float* acc = partial.data_ptr<float>() + c * 2 * N;
           ln_bwd_rows_f32(dy.data_ptr<float>(), x.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr,
                           mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<float>(), acc, acc + N, r0,
-                          r1, N);
+                          r1, N, stream);
         } else {
           double* acc = partial.data_ptr<double>() + c * 2 * N;
           const double* dyp = dy.data_ptr<double>();

@@ -307,6 +307,13 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_op(const at::Tensor& x_, const a
   return {y, pre};
 }
 
+// No gradients wanted: the forward's y (the CUDA path keeps its two buffers; the saving that
+// matters on CPU, GELU in place, is left to the Triton kernel's fused epilogue on GPUs).
+at::Tensor gelu_mlp_infer_op(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
+                             const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
+  return std::get<0>(gelu_mlp_fwd_op(x, w_fc, b_fc, w_proj, b_proj));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_bwd_op(
     const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_fc, const at::Tensor& w_proj,
     const at::Tensor& pre_) {
@@ -384,6 +391,7 @@ TORCH_LIBRARY_IMPL(gptfast, CUDA, m) {
   m.impl("layer_norm_fwd", &gptfast::cuda::layer_norm_fwd_op);
   m.impl("layer_norm_bwd", &gptfast::cuda::layer_norm_bwd_op);
   m.impl("gelu_mlp_fwd", &gptfast::cuda::gelu_mlp_fwd_op);
+  m.impl("gelu_mlp_infer", &gptfast::cuda::gelu_mlp_infer_op);
   m.impl("gelu_mlp_bwd", &gptfast::cuda::gelu_mlp_bwd_op);
   m.impl("decode_attention", &gptfast::cuda::decode_attention_op);
   m.impl("sample", &gptfast::cuda::sample_op);

@@ -255,6 +255,12 @@ def _register_fakes() -> None:
         M, F = x.shape[0], w_fc.shape[0]
         return _empty((M, w_proj.shape[0]), x), _empty((M, F), x)
 
+    @reg("gptfast::gelu_mlp_infer")
+    def _(x, w_fc, b_fc, w_proj, b_proj):
+        _fake_check(x.dim() == 2 and w_fc.dim() == 2 and w_proj.dim() == 2, "gelu_mlp_infer: x, w_fc, w_proj must be 2-D")
+        _fake_check(w_fc.shape[1] == x.shape[1] and w_proj.shape[1] == w_fc.shape[0], "gelu_mlp_infer: shape mismatch")
+        return _empty((x.shape[0], w_proj.shape[0]), x)
+
     @reg("gptfast::gelu_mlp_bwd")
     def _(dy, x, w_fc, w_proj, pre):
         F, C = w_fc.shape
@@ -432,7 +438,11 @@ def gelu_mlp(
     """gelu_tanh(x w_fc^T + b_fc) w_proj^T + b_proj; see `reference.gelu_mlp`. x: (..., C)."""
     ensure_loaded()
     C = x.shape[-1]
-    y, _pre = torch.ops.gptfast.gelu_mlp_fwd(x.reshape(-1, C), w_fc, b_fc, w_proj, b_proj)  # (M, C_out)
+    x2 = x.reshape(-1, C)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_fc, b_fc, w_proj, b_proj)):
+        y, _pre = torch.ops.gptfast.gelu_mlp_fwd(x2, w_fc, b_fc, w_proj, b_proj)  # pre saved for backward
+    else:  # inference: no pre to keep, GELU in place
+        y = torch.ops.gptfast.gelu_mlp_infer(x2, w_fc, b_fc, w_proj, b_proj)
     return y.view(*x.shape[:-1], w_proj.shape[0])
 
 

@@ -99,7 +99,11 @@ def decode_attention(
     _native.ensure_loaded()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dt = _kernel_dtype(q)
+    if dt == q.dtype:  # the decode loop's case: skip four no-op `.to` dispatches (~1-3 us each)
+        if cache_lens.dtype != torch.int64:
+            cache_lens = cache_lens.to(torch.int64)
+        return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_lens, scale)  # (B, H, Tq, D)
     out = torch.ops.gptfast.decode_attention(
         q.to(dt), k_cache.to(dt), v_cache.to(dt), cache_lens.to(torch.int64), scale
-    )  # (B, H, Tq, D)
+    )
     return out.to(q.dtype)
