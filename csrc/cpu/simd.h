@@ -25,33 +25,6 @@
 
 namespace gptfast {
 
-// exp(x) for float, ~1-2 ulp (Cephes expf polynomial), written so that GCC vectorises it inside a
-// loop (std::exp is a libm call that blocks vectorisation): range reduction x = n ln2 + r with
-// n = round(x / ln2) by the 1.5 * 2^23 trick (no SSE4.1 round needed), a degree-6 polynomial in
-// r, and 2^n built in the exponent bits. Results below 2^-126 (x < -87.3, incl. -inf) flush to
-// 0, so a token with a -inf logit gets probability exactly 0; x > 88.3 saturates at exp(88.3).
-GPTFAST_INLINE float fast_exp(float x) {
-  const bool tiny = x < -87.3f;
-  x = tiny ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float n = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for precision
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0f : p * scale;
-}
-
-// tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf, absolute error ~1e-7 near 0.
-GPTFAST_INLINE float fast_tanh(float u) { return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f); }
-
 // 256-bit GCC vectors (8 floats / 4 doubles): native on AVX2 (16 ymm registers) and on AVX-512
 // (where 256-bit ops use ymm0-31). A wider generic vector is split by GCC through the stack on
 // AVX2, which was 7x slower. fp64 exists for gradcheck only; its speed does not matter.
@@ -76,32 +49,45 @@ GPTFAST_INLINE void vstore(T* p, typename Vec<T>::type v) {
 using Vf = Vec<float>::type;
 typedef int32_t Vi __attribute__((vector_size(32)));
 
-// exp of 8 floats: fast_exp above (Cephes polynomial, ~1-2 ulp, exp(x < -87.3) = 0 so a masked
-// -inf score gives probability exactly 0) written with vector types. Kernels whose loops GCC does
-// not vectorise on its own (attention's 64-wide score rows: 5.4 us vs 30 us per 64x64 softmax
-// tile) call it directly.
-GPTFAST_INLINE Vf vexp(Vf x) {
-  const Vf lo = Vf{} - 87.3f, hi = Vf{} + 88.3f;
-  const Vi tiny = x < lo;
+GPTFAST_INLINE int32_t exp_bits(float n) { return static_cast<int32_t>(n); }
+GPTFAST_INLINE Vi exp_bits(Vf n) { return __builtin_convertvector(n, Vi); }
+
+// exp(x) for float (V = float) or 8 floats (V = Vf), ~1-2 ulp (Cephes expf polynomial): range
+// reduction x = n ln2 + r with n = round(x / ln2) by the 1.5 * 2^23 trick (no SSE4.1 round
+// needed), a degree-6 polynomial in r, and 2^n built in the exponent bits. Results below 2^-126
+// (x < -87.3, incl. -inf) flush to 0, so a masked score or a -inf logit gets probability exactly
+// 0; x > 88.3 saturates at exp(88.3). Written branch-free: std::exp is a libm call that blocks
+// vectorisation, and the scalar version vectorises inside loops (with -fno-trapping-math, see
+// gptfast/_build.py). Kernels whose rows GCC does not vectorise on its own (attention's 64-wide
+// score rows: 5.4 us vs 30 us per 64x64 softmax tile) call the vector version directly.
+template <typename V>
+GPTFAST_INLINE V exp_impl(V x) {
+  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
+  const auto tiny = x < lo;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const Vf n = (x * 1.44269504088896341f + shifter) - shifter;
-  const Vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  Vf p = Vf{} + 1.9875691500e-4f;
+  const V n = (x * 1.44269504088896341f + shifter) - shifter;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for precision
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const Vi bits = (__builtin_convertvector(n, Vi) + 127) << 23;
-  Vf scale;
+  const auto bits = (exp_bits(n) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const Vf res = p * scale;
-  return tiny ? Vf{} : res;
+  const V res = p * scale;
+  return tiny ? V{} : res;
 }
 
+GPTFAST_INLINE float fast_exp(float x) { return exp_impl(x); }
+GPTFAST_INLINE Vf vexp(Vf x) { return exp_impl(x); }
+
+// tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf, absolute error ~1e-7 near 0.
+GPTFAST_INLINE float fast_tanh(float u) { return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f); }
 
 // ------------------------------------------------------------------------ streaming stores
 //
