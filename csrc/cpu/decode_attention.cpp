@@ -170,6 +170,7 @@ GPTFAST_INLINE void decode_range_f32v(const float* q, int64_t sqt, const float* 
       // Online softmax over the visible scores.
       float mx = m[t];
       for (j = 0; j < nv; ++j) mx = std::max(mx, sr[j]);
+      if (mx == ninf) continue;  // only -inf scores so far (infinite inputs): as decode_range
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (j = 0; j < nv; ++j) {
