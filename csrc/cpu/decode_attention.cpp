@@ -119,12 +119,6 @@ GPTFAST_INLINE void decode_range(const S* q, int64_t sqt,  // query rows, (Tq, D
 //   4-cycle add latency made each score cost ~5x its FMAs;
 // - o += p v with o held in registers over a whole chunk, 64 columns at a time (8 vectors),
 //   instead of a load and a store of o per position.
-GPTFAST_INLINE float hsum8(Vf v) {
-  float s = 0.0f;
-  for (int j = 0; j < 8; ++j) s += v[j];
-  return s;
-}
-
 GPTFAST_INLINE void decode_range_f32v(const float* q, int64_t sqt, const float* k, int64_t skt, const float* v,
                                       int64_t svt, int64_t Tq, int64_t D, int64_t first, int64_t p0, int64_t p1,
                                       float scale, float* m, float* l, float* o, float* s, float* qf) {
@@ -156,16 +150,16 @@ GPTFAST_INLINE void decode_range_f32v(const float* q, int64_t sqt, const float* 
           a2 += qv * vload(k0 + 2 * skt + c);
           a3 += qv * vload(k0 + 3 * skt + c);
         }
-        sr[j] = hsum8(a0);
-        sr[j + 1] = hsum8(a1);
-        sr[j + 2] = hsum8(a2);
-        sr[j + 3] = hsum8(a3);
+        sr[j] = hsum(a0);
+        sr[j + 1] = hsum(a1);
+        sr[j + 2] = hsum(a2);
+        sr[j + 3] = hsum(a3);
       }
       for (; j < nv; ++j) {
         const float* kr = k + (c0 + j) * skt;
         Vf a = Vf{};
         for (int64_t c = 0; c < D; c += 8) a += vload(qr + c) * vload(kr + c);
-        sr[j] = hsum8(a);
+        sr[j] = hsum(a);
       }
       // Online softmax over the visible scores.
       float mx = m[t];

@@ -26,12 +26,6 @@ namespace {
 
 // ---------------------------------------------------------------------------- forward, fp32
 
-GPTFAST_INLINE float hsum(Vf v) {
-  float s = 0.0f;
-  for (int j = 0; j < 8; ++j) s += v[j];
-  return s;
-}
-
 // sum_i f(x[i]) over a row with four independent vector accumulators: a single accumulator makes
 // each add wait for the previous one (4-cycle latency), which at N = 768 cost as much as the
 // row's memory traffic.

@@ -49,6 +49,13 @@ GPTFAST_INLINE void vstore(T* p, typename Vec<T>::type v) {
 using Vf = Vec<float>::type;
 typedef int32_t Vi __attribute__((vector_size(32)));
 
+// Sum of the 8 lanes (row reductions after the vector loop).
+GPTFAST_INLINE float hsum(Vf v) {
+  float s = 0.0f;
+  for (int j = 0; j < 8; ++j) s += v[j];
+  return s;
+}
+
 GPTFAST_INLINE int32_t exp_bits(float n) { return static_cast<int32_t>(n); }
 GPTFAST_INLINE Vi exp_bits(Vf n) { return __builtin_convertvector(n, Vi); }
 
