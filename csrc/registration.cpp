@@ -33,6 +33,13 @@ TORCH_LIBRARY(gptfast, m) {
   // x: (M, K); weight: (N, K) (nn.Linear layout); bias: (N,) or None. Returns x weight^T + bias,
   // (M, N) contiguous, x's dtype. A kernel for small M (batched decoding): see csrc/cpu/skinny_linear.cpp.
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // One GPT-2 decoding step (CPU; see csrc/cpu/decode_step.cpp): tokens, pos (B,) int64; wte (V, C);
+  // wpe (block_size, C); layers: 12 per block (ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc,
+  // b_fc, w_proj, b_proj; nn.Linear layouts; matrices fp32 or bf16); w_head (V, C); caches per block
+  // (B, H, T_max, D) fp32, K/V written at pos. Returns (B, V) fp32 logits.
+  m.def(
+      "decode_step(Tensor tokens, Tensor pos, Tensor wte, Tensor wpe, Tensor?[] layers, Tensor? lnf_w, "
+      "Tensor? lnf_b, Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps) -> Tensor");
   // q: (B, H, Tq, D); caches: (B, H, T_max, D); cache_lens: (B,) int64. See gptfast/ops/reference.py.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // logits: (B, V); uniform: (B,) fp32 draws in [0, 1) made by the caller (torch.rand with the user's

@@ -13,6 +13,7 @@ Formulas (next to the code that computes them):
   the LM head; the embedding rows read are negligible), kv_bytes(L) = 2 * n_layer * n_embd * L * e.
   read_bw is a read-only `src.sum()` over 256 MiB measured in this run
   (`gptfast.bench.timing.measure_peaks`). % of bound = bound step time / measured step time.
+  The weight-only bf16 row is held to its own bound (weight_bytes / 2 + the same fp32 K/V bytes).
 """
 
 from __future__ import annotations
@@ -75,12 +76,14 @@ def benchmark_generate(
     reference_tokens: int = 8,
     n_layer: int | None = None,
     compile: bool = False,
+    variants: bool = True,
 ) -> list[dict]:
     """Rows {op, mode, shape, backend, status, reason, tokens_per_s, ms_per_token, median_ms,
     speedup_vs_hf, gbps, pct_of_bound, pct_peak, batch, new_tokens, ...}, one per contestant per
     batch size, plus a `bound` row. `quick` cuts new tokens to 32 and the batch sizes to (1,).
     backends: engine op backends to time ('torch', 'native', 'auto', ...); one unavailable here
-    gives a row with status 'unavailable' and the reason."""
+    gives a row with status 'unavailable' and the reason. variants: for an engine that runs the
+    fused native CPU step, also time it with the Python step and with weight-only bf16."""
     from gptfast import ops
     from gptfast.bench.timing import measure_peaks
     from gptfast.config import GPTConfig
@@ -116,6 +119,42 @@ def benchmark_generate(
         rows.append(r)
         return r
 
+    def _native_variants(B, be, kw, t_fused):
+        """The native CPU engine two more ways: its Python step (what the fused one-op step saves)
+        and weight-only bf16 (half the weight bytes; bound and % of bound on its own bytes)."""
+        from gptfast import engine
+
+        def python_step():
+            engine.FUSED_STEP = False
+            try:
+                generate(model, prompt, new_tokens, **kw)
+            finally:
+                engine.FUSED_STEP = True
+
+        python_step()  # warm-up
+        # Interleaved A/B (fused, python, fused, ...): the two differ by a few %, less than this
+        # VM's drift between back-to-back runs, so each pair sees the same machine state.
+        tf, tp = [], []
+        for _ in range(max(3, repeats)):
+            tf.append(_timed(lambda: generate(model, prompt, new_tokens, **kw), 1))
+            tp.append(_timed(python_step, 1))
+        t = statistics.median(tp)
+        row(B, f"engine[{be}] python step", seconds=t, reason=f"the same kernels called from Python; fused step "
+            f"{t / statistics.median(tf):.2f}x faster (interleaved A/B, median of {len(tp)})")
+        kw16 = dict(kw, weight_dtype="bf16")
+        generate(model, prompt, 4, **kw16)
+        stats: dict = {}
+        t = _timed(lambda: generate(model, prompt, new_tokens, stats=stats, **kw16), repeats)
+        want = generate(model, prompt, new_tokens, **kw)
+        got = generate(model, prompt, new_tokens, **kw16)
+        # greedy tokens identical to the fp32 engine's up to the first difference, fewest over rows
+        # (random weights give near-flat logits, where any rounding eventually flips an argmax)
+        same = min(next((i for i, (a, b) in enumerate(zip(rw, rg)) if a != b), len(rw)) for rw, rg in zip(want, got))
+        b16 = row(B, f"engine[{be}] bf16 weights", seconds=t, weight_copy_mb=stats.get("weight_copy_bytes", 0) / 1e6,
+                  reason=f"matrices bf16, fp32 math; greedy = fp32 engine for the first {same}/{new_tokens} "
+                         f"tokens (min over rows)")
+        b16["own_step_bytes"] = weight_bytes / 2 + B * 2 * cfg.n_layer * cfg.n_embd * (prompt_len + new_tokens / 2) * esize
+
     for B in batch_sizes:
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g).to(device)
         mean_len = prompt_len + new_tokens / 2
@@ -135,8 +174,11 @@ def benchmark_generate(
                 stats: dict = {}
                 t = _timed(lambda: generate(model, prompt, new_tokens, stats=stats, **kw), repeats)
                 names = sorted(set(stats.get("backends", {}).values()))
-                row(B, f"engine[{be}]", seconds=t, reason="ops: " + "+".join(names),
+                row(B, f"engine[{be}]", seconds=t, reason="ops: " + "+".join(names)
+                    + (", fused step" if stats.get("decode_step") == "native fused" else ""),
                     weight_copy_mb=stats.get("weight_copy_bytes", 0) / 1e6)
+                if variants and stats.get("decode_step") == "native fused":
+                    _native_variants(B, be, kw, t)
             except ops.BackendUnavailableError as e:
                 row(B, f"engine[{be}]", status="unavailable", reason=str(e).splitlines()[0])
         if include_hf:
@@ -169,8 +211,9 @@ def benchmark_generate(
             t = r.pop("seconds")
             r["tokens_per_s"] = B * new_tokens / t
             r["ms_per_token"] = r["median_ms"] = 1e3 * t / new_tokens
-            r["gbps"] = step_bytes * new_tokens / t / 1e9  # bytes a decoding step must read x steps/s
-            r["pct_of_bound"] = r["pct_peak"] = 100.0 * bound_step_s * new_tokens / t
+            own = r.pop("own_step_bytes", step_bytes)  # bf16 weights: its own bytes per step
+            r["gbps"] = own * new_tokens / t / 1e9  # bytes a decoding step must read x steps/s
+            r["pct_of_bound"] = r["pct_peak"] = 100.0 * (own / read_bw) * new_tokens / t
         hf_rows = [r for r in rows[start:] if r["backend"] == "hf" and r["status"] == "ok"]
         if hf_rows:
             for r in rows[start:]:
@@ -183,12 +226,12 @@ def benchmark_generate(
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of `benchmark_generate` rows."""
-    head = f"{'shape':38s} {'backend':22s} {'tok/s':>8s} {'ms/tok':>8s} {'vs HF':>6s} {'% bound':>8s}  note"
+    head = f"{'shape':38s} {'backend':30s} {'tok/s':>8s} {'ms/tok':>8s} {'vs HF':>6s} {'% bound':>8s}  note"
     out = [head, "-" * len(head)]
     for r in rows:
         f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
         note = r.get("reason", "") if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
-        out.append(f"{r['shape']:38s} {r['backend']:22s} {f('tokens_per_s', '8.1f')} "
+        out.append(f"{r['shape']:38s} {r['backend']:30s} {f('tokens_per_s', '8.1f')} "
                    f"{f('ms_per_token', '8.2f')} {f('speedup_vs_hf', '6.2f')} {f('pct_of_bound', '8.1f')}  {note}")
     return "\n".join(out)
 

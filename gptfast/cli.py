@@ -106,6 +106,9 @@ def _add_generate(sub) -> None:
                    help="past the block size: slide the context window (as the reference) or fail")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weights / activations / KV cache dtype (logits stay fp32)")
+    p.add_argument("--weight-dtype", default=None, choices=["bf16"],
+                   help="CPU, --dtype fp32, native kernels: hold the weight matrices in bf16 (half the "
+                        "bytes per token; widened exactly, fp32 math). See the README for its accuracy")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: CUDA graphs, mode=reduce-overhead)")
@@ -161,6 +164,9 @@ def cmd_generate(args) -> int:
         raise UserError("--device cuda: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.weight_dtype is not None and (device.type != "cpu" or args.dtype != "fp32"):
+        raise UserError(f"--weight-dtype {args.weight_dtype} needs --device cpu and --dtype fp32 (bf16 weights, "
+                        f"fp32 math), got --device {args.device} --dtype {args.dtype}; on CUDA use --dtype bf16")
     text = _read_prompt(args)
     model, tokenizer, what = load_model_for_cli(args)
     if args.backend:
@@ -179,7 +185,7 @@ def cmd_generate(args) -> int:
         model, [ids] * n, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
         eot_token=tokenizer.eot_token, overflow=args.overflow, dtype=dtype, compile=args.compile,
-        stats=stats,
+        stats=stats, weight_dtype=args.weight_dtype,
     )
     out = sys.stdout
     if n == 1:
@@ -217,7 +223,8 @@ def cmd_generate(args) -> int:
         f"{1e3 * stats.get('decode_s', 0.0) / steps_run:.2f} ms/token (batch {n}), "
         f"prefill {1e3 * stats.get('prefill_s', 0.0):.1f} ms, {_peak_memory(device)}, "
         f"ops: {'+'.join(sorted(set(stats.get('backends', {}).values()))) or '-'}, "
-        f"dtype {stats.get('dtype', args.dtype)}",
+        f"dtype {stats.get('dtype', args.dtype)}"
+        + (f", weights {stats['weight_dtype']}" if stats.get("weight_dtype") not in (None, stats.get("dtype")) else ""),
         file=sys.stderr,
     )
     return 0

@@ -35,6 +35,22 @@ Speed on CPU (batch-1 decoding is a chain of matrix-vector products, i.e. memory
   reads `cache_lens`, a device sync on GPU); the engine resolves each op's backend function once
   per generate call with `ops.resolve` and calls the backend module directly, validating its own
   inputs once at entry. The residual add is folded into the projections' `addmm`.
+- Fused step (native CPU, B <= 16). Even so, one step is ~110 op calls from Python: ~2 ms of a
+  ~28 ms batch-1 step on the 2-core VM (measured with a model whose kernels take ~0). So when every
+  op of the step resolves to `native` on CPU fp32, the step runs as one op, `gptfast::decode_step`
+  (csrc/cpu/decode_step.cpp): the same kernels in the same order called from C++, bit-for-bit the
+  Python step (tests/test_decode_step.py). Measured interleaved, GPT-2 124M batch 1: 25.1 vs
+  27.5 ms per token (median of 6). It is the CPU counterpart of gpt-fast's CUDA-graph capture.
+  `compile=True` keeps the Python step (that is what gets compiled); `FUSED_STEP = False` too.
+- Weight-only bf16 (`weight_dtype="bf16"`, CPU fp32, native). Batch-1 decoding streams the
+  weights, so halving their bytes is the one lever left once the step runs at the bandwidth bound.
+  The matrices and the tied wte / LM head are held as bf16 copies (+248 MB for GPT-2 124M; the
+  fp32 model stays as it is); the skinny kernel widens each element exactly (a 16-bit shift: no
+  avx512_bf16 needed) and accumulates in fp32; LayerNorm, biases, wpe, attention, the KV cache and
+  the logits stay fp32. So the result is exactly fp32 math on bf16-rounded weights (tested against
+  the reference on such weights); the rounding itself cost the shipped model nothing measurable
+  (validation perplexity 4.6114 -> 4.6113). The prompt pass and batches above 16 rows widen the
+  matrices per call and use addmm.
 
 Beyond the block size: see `overflow` in `generate`.
 """
@@ -92,7 +108,8 @@ class DecodeWeights:
     lnf_eps: float
     w_head: torch.Tensor  # (C, V)
     n_head: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # activations, vectors, KV cache
+    weight_dtype: torch.dtype | None = None  # matrices and wte (None = dtype)
     copied_bytes: int = 0  # memory held by the engine's own copies (0 = all views)
 
 
@@ -104,17 +121,25 @@ _WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDi
 
 
 @torch.no_grad()
-def decode_weights(model, dtype: torch.dtype | None = None, layout: dict | None = None) -> DecodeWeights:
+def decode_weights(model, dtype: torch.dtype | None = None, layout: dict | None = None,
+                   weight_dtype: torch.dtype | None = None) -> DecodeWeights:
     """The decode-layout weights of `model` (cached; rebuilt when a parameter changed).
 
     dtype: weights/activations dtype (default: the model's). On CPU fp32 the layout is
     `_CPU_FP32_LAYOUT`; otherwise (CUDA, bf16) every matrix is used in place or cast once.
+    weight_dtype: store the matrices (c_attn, c_proj, c_fc, mlp c_proj, the tied wte / LM head) in
+    this dtype instead (weight-only bf16: one bf16 copy of each, used in place by the native
+    kernels, which widen and accumulate in fp32); vectors and wpe stay in `dtype`.
     """
     p0 = model.transformer.wte.weight
     dtype = dtype or p0.dtype
+    if weight_dtype is not None and weight_dtype != dtype:
+        layout = _NO_COPY_LAYOUT
+    else:
+        weight_dtype = dtype
     if layout is None:
         layout = _CPU_FP32_LAYOUT if (p0.device.type == "cpu" and dtype == torch.float32) else _NO_COPY_LAYOUT
-    cache_key = (dtype, tuple(sorted(layout.items())))
+    cache_key = (dtype, weight_dtype, tuple(sorted(layout.items())))
     per_model = _WEIGHTS.setdefault(model, {})
     key = _param_key(model)
     hit = per_model.get(cache_key)
@@ -125,8 +150,22 @@ def decode_weights(model, dtype: torch.dtype | None = None, layout: dict | None 
     def vec(t):
         return None if t is None else t.detach().to(dtype)
 
+    cast: dict[int, torch.Tensor] = {}  # one copy per parameter (the LM head is tied to wte)
+
+    def to_wdtype(t):
+        nonlocal copied
+        t = t.detach()
+        if t.dtype == weight_dtype:
+            return t
+        if t.data_ptr() not in cast:
+            cast[t.data_ptr()] = t.to(weight_dtype)
+            copied += t.numel() * cast[t.data_ptr()].element_size()
+        return cast[t.data_ptr()]
+
     def mat(lin_weight, kind):  # nn.Linear weight (out, in) -> (in, out) operand
         nonlocal copied
+        if weight_dtype != dtype:
+            return to_wdtype(lin_weight).t()
         w = lin_weight.detach().to(dtype)
         if layout[kind] == "io":
             w = w.t().contiguous()
@@ -148,18 +187,26 @@ def decode_weights(model, dtype: torch.dtype | None = None, layout: dict | None 
             w_proj=mat(m.c_proj.weight, "mlp_proj"), b_proj=vec(m.c_proj.bias),
         ))
     tr = model.transformer
+    wte = to_wdtype(tr.wte.weight) if weight_dtype != dtype else tr.wte.weight.detach().to(dtype)
     w = DecodeWeights(
-        layers=layers, wte=tr.wte.weight.detach().to(dtype), wpe=tr.wpe.weight.detach().to(dtype),
+        layers=layers, wte=wte, wpe=tr.wpe.weight.detach().to(dtype),
         lnf_w=vec(tr.ln_f.weight), lnf_b=vec(tr.ln_f.bias), lnf_eps=float(tr.ln_f.eps),
         w_head=mat(model.lm_head.weight, "lm_head"), n_head=model.config.n_head, dtype=dtype,
+        weight_dtype=weight_dtype,
     )
     if dtype != p0.dtype:
-        copied += (w.wte.numel() + w.wpe.numel()) * w.wte.element_size()
+        copied += w.wpe.numel() * w.wpe.element_size()
+        if weight_dtype == dtype:
+            copied += w.wte.numel() * w.wte.element_size()
     w.copied_bytes = copied
     per_model.clear()  # one layout per model at a time: stale copies must not pin memory
     per_model[cache_key] = (key, w)
     return w
 
+
+# The fused native CPU step (`decode_one_token_fused`) is used whenever it applies; False runs the
+# Python step instead (benchmarks compare the two; debugging).
+FUSED_STEP = True
 
 # ----------------------------------------------------------------------------- ops, resolved once
 
@@ -207,20 +254,31 @@ def _skinny_for(fns: OpFns, device_type: str, dtype: torch.dtype):
 # ----------------------------------------------------------------------------- the forward passes
 
 
+def _as(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w in x's dtype: weight-only bf16 matrices are widened (exactly) where no kernel reads bf16
+    directly (the prompt pass, batches above the skinny threshold, non-native backends)."""
+    return w if w.dtype == x.dtype else w.to(x.dtype)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x (M, in) @ w (in, out) + b -> (M, out)."""
+    w = _as(w, x)
     return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
 
 def _residual_linear(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     """res + x @ w + b, with the residual add folded into addmm."""
-    y = torch.addmm(res, x, w)
+    y = torch.addmm(res, x, _as(w, x))
     return y if b is None else y.add_(b)
 
 
 def _mlp(fns: OpFns, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
     # ops.gelu_mlp takes nn.Linear's (out, in) layout: give it transposed views of the operands.
-    return fns.gelu_mlp(h, lw.w_fc.t(), lw.b_fc, lw.w_proj.t(), lw.b_proj)
+    # The native CPU kernel reads bf16 weights itself (weight-only bf16); others get fp32 copies.
+    w_fc, w_proj = lw.w_fc.t(), lw.w_proj.t()
+    if fns.names.get("gelu_mlp") != "native":
+        w_fc, w_proj = _as(w_fc, h), _as(w_proj, h)
+    return fns.gelu_mlp(h, w_fc, lw.b_fc, w_proj, lw.b_proj)
 
 
 def prefill(
@@ -245,7 +303,7 @@ def prefill(
     H = w.n_head
     D = C // H
     pos = torch.arange(T, device=tokens.device)
-    x = (F.embedding(tokens, w.wte) + F.embedding(pos, w.wpe)).view(b * T, C)  # (b*T, C)
+    x = (F.embedding(tokens, w.wte).to(w.dtype) + F.embedding(pos, w.wpe)).view(b * T, C)  # (b*T, C)
     for lw, kc, vc in zip(w.layers, k_cache, v_cache):
         h = fns.layer_norm(x, lw.ln1_w, lw.ln1_b, lw.ln_eps)
         qkv = _linear(h, lw.w_qkv, lw.b_qkv).view(b, T, 3, H, D)
@@ -262,7 +320,7 @@ def prefill(
         x = x + _mlp(fns, lw, fns.layer_norm(x, lw.ln2_w, lw.ln2_b, lw.ln_eps))
     last = x.view(b, T, C)[torch.arange(b, device=x.device), lens - 1]  # (b, C): own last real token
     last = fns.layer_norm(last, w.lnf_w, w.lnf_b, w.lnf_eps)
-    return torch.mm(last, w.w_head).float()  # (b, V)
+    return torch.mm(last, _as(w.w_head, last)).float()  # (b, V)
 
 
 def decode_one_token(
@@ -291,7 +349,7 @@ def decode_one_token(
     # module's own contiguous weight, see `_run`), which streams each weight once; gelu_mlp's
     # native kernel switches to the same kernel by itself for few rows.
     sk = fns.skinny if (fns.skinny is not None and B <= fns.skinny_max_m) else None
-    x = F.embedding(tokens, w.wte) + F.embedding(pos, w.wpe)  # (B, C)
+    x = F.embedding(tokens, w.wte).to(w.dtype) + F.embedding(pos, w.wpe)  # (B, C)
     for lw, kc, vc in zip(w.layers, k_cache, v_cache):
         h = fns.layer_norm(x, lw.ln1_w, lw.ln1_b, lw.ln_eps)
         qkv = (sk(h, lw.w_qkv.t(), lw.b_qkv) if sk else _linear(h, lw.w_qkv, lw.b_qkv)).view(B, 3, H, D)
@@ -304,7 +362,39 @@ def decode_one_token(
             x = _residual_linear(x, y.view(B, C), lw.w_o, lw.b_o)
         x = x + _mlp(fns, lw, fns.layer_norm(x, lw.ln2_w, lw.ln2_b, lw.ln_eps))
     x = fns.layer_norm(x, w.lnf_w, w.lnf_b, w.lnf_eps)
-    return (sk(x, w.w_head.t(), None) if sk else torch.mm(x, w.w_head)).float()  # (B, V)
+    return (sk(x, w.w_head.t(), None) if sk else torch.mm(x, _as(w.w_head, x))).float()  # (B, V)
+
+
+def fused_step_args(w: DecodeWeights, fns: OpFns, device_type: str) -> tuple | None:
+    """The weights as `native.decode_step` takes them (built once per generate call), or None when
+    the fused CPU step does not apply: it needs the native backend for every op of the step, fp32
+    activations, one LayerNorm eps and the library's `decode_step` kernel."""
+    if device_type != "cpu" or w.dtype != torch.float32 or fns.skinny is None:
+        return None
+    if any(fns.names.get(op) != "native" for op in ("decode_attention", "layer_norm", "gelu_mlp")):
+        return None
+    eps = {lw.ln_eps for lw in w.layers} | {w.lnf_eps}
+    if len(eps) != 1:
+        return None
+    from gptfast.ops import native
+
+    if not native.decode_step_available():
+        return None
+    flat: list[torch.Tensor | None] = []
+    for lw in w.layers:  # nn.Linear (out, in) layouts: the operands' .t() (see `decode_weights`)
+        flat += [lw.ln1_w, lw.ln1_b, lw.w_qkv.t(), lw.b_qkv, lw.w_o.t(), lw.b_o,
+                 lw.ln2_w, lw.ln2_b, lw.w_fc.t(), lw.b_fc, lw.w_proj.t(), lw.b_proj]
+    return (w.wte, w.wpe, flat, w.lnf_w, w.lnf_b, w.w_head.t(), eps.pop())
+
+
+def decode_one_token_fused(args: tuple, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
+                           tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """`decode_one_token` as one native CPU op (csrc/cpu/decode_step.cpp): the same kernels in the
+    same order with no Python between them; `args` from `fused_step_args`."""
+    from gptfast.ops import native
+
+    wte, wpe, flat, lnf_w, lnf_b, w_head, eps = args
+    return native.decode_step(tokens, pos, wte, wpe, flat, lnf_w, lnf_b, w_head, k_cache, v_cache, eps)
 
 
 # ----------------------------------------------------------------------------- logits processing
@@ -390,6 +480,21 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+def _as_weight_dtype(weight_dtype, dtype: torch.dtype, device_type: str) -> torch.dtype | None:
+    """None (matrices in `dtype`) or torch.bfloat16 (weight-only bf16: CPU, fp32 activations)."""
+    if weight_dtype is None:
+        return None
+    wd = _DTYPES.get(weight_dtype) if isinstance(weight_dtype, str) else weight_dtype
+    if wd == dtype:
+        return None
+    if wd != torch.bfloat16:
+        raise ValueError(f"generate: weight_dtype must be None, 'bf16' or the activation dtype, got {weight_dtype!r}")
+    if device_type != "cpu" or dtype != torch.float32:
+        raise ValueError(f"generate: weight_dtype='bf16' (bf16 weights, fp32 math) is a CPU fp32 option, got device "
+                         f"{device_type} with dtype {dtype}; on CUDA pass dtype='bf16'")
+    return wd
+
+
 def _as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -437,14 +542,16 @@ def stream(
     backend: str | None = None,
     compile: bool = False,
     stats: dict | None = None,
+    weight_dtype: str | torch.dtype | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position as tokens are produced (arguments as `generate`)."""
     return _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                generator, eot_token, return_logprobs, overflow, dtype, backend, compile, stats)
+                generator, eot_token, return_logprobs, overflow, dtype, backend, compile, stats, weight_dtype)
 
 
 def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-         generator, eot_token, return_logprobs, overflow, dtype, backend, compile, stats) -> Iterator[Step]:
+         generator, eot_token, return_logprobs, overflow, dtype, backend, compile, stats,
+         weight_dtype=None) -> Iterator[Step]:
     # --- validate once, here (the step functions call backends directly) ---
     rows_tokens = _as_prompt_lists(prompts)
     B = len(rows_tokens)
@@ -491,14 +598,21 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
             f"positions, more than the model's block_size {bs}; shorten the prompt or pass overflow='slide'"
         )
     wdtype = _as_dtype(dtype) or model.transformer.wte.weight.dtype
+    mdtype = _as_weight_dtype(weight_dtype, wdtype, device.type)
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
     fns = resolve_ops(backend if backend is not None else getattr(model, "backend", None),
                       device.type, wdtype, D, cfg.n_embd)
     fns.skinny, fns.skinny_max_m = _skinny_for(fns, device.type, wdtype)
+    if mdtype is not None and fns.skinny is None:
+        raise ValueError(f"generate: weight_dtype='bf16' needs the native CPU kernels (they read bf16 weights); "
+                         f"the ops resolved to {fns.names}")
     # With the skinny kernel the (out, in) nn.Linear weights are what decoding wants: no copies
     # (the prompt pass, a real GEMM, runs as fast on transposed views).
-    w = decode_weights(model, wdtype, _NO_COPY_LAYOUT if fns.skinny is not None else None)
+    w = decode_weights(model, wdtype, _NO_COPY_LAYOUT if fns.skinny is not None else None, mdtype)
     pre_fn, dec_fn = (_compiled_fns(model, device.type) if compile else (prefill, decode_one_token))
+    # Native CPU, few rows: the whole step as one op (no Python between kernels), unless the
+    # caller asked for torch.compile, which then compiles the Python step.
+    fused = None if compile or B > fns.skinny_max_m or not FUSED_STEP else fused_step_args(w, fns, device.type)
 
     # --- static state: the KV cache and the token buffer ---
     P0 = [min(p, bs) for p in P]  # prompts longer than the block are cropped, as the reference does
@@ -563,7 +677,10 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
             pos_l = [len(s) - 1 for s in seqs]
             slide = [i for i in range(B) if not done[i] and pos_l[i] >= bs]
             pos = torch.tensor([min(p, T_max - 1) for p in pos_l], dtype=torch.long, device=device)
-            logits = dec_fn(w, fns, k_cache, v_cache, nxt.to(device), pos)
+            if fused is not None:
+                logits = decode_one_token_fused(fused, k_cache, v_cache, nxt.to(device), pos)
+            else:
+                logits = dec_fn(w, fns, k_cache, v_cache, nxt.to(device), pos)
             if slide:
                 # overflow="slide": the reference crops the context to the last block_size tokens,
                 # which moves every token to a new absolute position (position embeddings restart
@@ -582,7 +699,9 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
         total = time.perf_counter() - t0
         stats.update(prefill_s=t_prefill, decode_s=total - t_prefill, steps=steps,
                      new_tokens=sum(count), total_s=total, backends=dict(fns.names),
-                     weight_copy_bytes=w.copied_bytes, dtype=str(wdtype).replace("torch.", ""))
+                     weight_copy_bytes=w.copied_bytes, dtype=str(wdtype).replace("torch.", ""),
+                     weight_dtype=str(w.weight_dtype or wdtype).replace("torch.", ""),
+                     decode_step="native fused" if fused is not None else ("compiled" if compile else "python"))
 
 
 def generate(
@@ -603,6 +722,7 @@ def generate(
     backend: str | None = None,
     compile: bool = False,
     stats: dict | None = None,
+    weight_dtype: str | torch.dtype | None = None,
 ):
     """KV-cached generation for a batch of prompts of any lengths.
 
@@ -626,6 +746,10 @@ def generate(
     ValueError naming the lengths before anything runs.
     dtype: None (the model's), "fp32", "bf16" or "fp16": weights, activations and cache dtype
     (logits and sampling stay fp32). backend: op backend (default: the model's).
+    weight_dtype: None, or "bf16" on CPU with fp32 activations: the matrices (and the tied
+    wte / LM head) are held as bf16 copies that the native kernels widen exactly and accumulate
+    in fp32, so a memory-bound step streams half the bytes (everything else stays fp32; see the
+    README for its measured speed and accuracy). Needs the native CPU backend.
     compile: torch.compile the decode step (CUDA: CUDA graphs via mode="reduce-overhead").
     stats: a dict filled with timings (prefill_s, decode_s, steps, new_tokens, backends, ...).
 
@@ -635,7 +759,8 @@ def generate(
     toks: list[list[int]] = []
     lps: list[list[float]] = []
     for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                       seed, generator, eot_token, return_logprobs, overflow, dtype, backend, compile, stats):
+                       seed, generator, eot_token, return_logprobs, overflow, dtype, backend, compile, stats,
+                       weight_dtype):
         if not toks:
             toks = [[] for _ in step.tokens]
             lps = [[] for _ in step.tokens]

@@ -40,6 +40,6 @@ python -c "from gptfast.ops import native; print('built:', native.load_extension
 tests=("$@")
 if [[ ${#tests[@]} -eq 0 ]]; then
   tests=(tests/test_layer_norm.py tests/test_gelu_mlp.py tests/test_attention.py tests/test_decode_attention.py
-         tests/test_sampling.py tests/test_skinny_linear.py tests/test_model.py)
+         tests/test_sampling.py tests/test_skinny_linear.py tests/test_decode_step.py tests/test_model.py)
 fi
 python -m pytest -q -p no:xdist -p no:cacheprovider -m "not slow and not gpu" "${tests[@]}"

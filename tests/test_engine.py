@@ -57,16 +57,84 @@ def _first_diff(a: torch.Tensor, b: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- greedy == reference
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "native", "auto"])
 def test_greedy_matches_reference_char_200_tokens(char_model, backend):
     char_model.backend = backend
     try:
         idx = torch.tensor([[0, 20, 47, 56, 57, 58, 1]])
         want = generate_reference(char_model, idx, 200, temperature=0.0)
-        got = char_model.generate(idx, 200, temperature=0.0)
+        stats: dict = {}
+        got = char_model.generate(idx, 200, temperature=0.0, stats=stats)
     finally:
         char_model.backend = "torch"
     assert torch.equal(got, want), _first_diff(got, want)
+    # native on CPU (and auto, which picks it here) decodes with the fused one-op step
+    if backend in ("native", "auto") and stats["backends"]["decode_attention"] == "native":
+        assert stats["decode_step"] == "native fused"
+
+
+def test_native_fused_step_gpt2_shape_batched_and_above_its_batch_limit():
+    """gpt2 vocabulary / width on the native backend: the fused step for B <= 16 rows, the Python
+    step above; both give each row the reference's tokens (prompts of different lengths, sliding)."""
+    model = _model("gpt2", backend="native", n_layer=2, block_size=32)
+    prompts = [[464, 3290, 318], [257, 1332, 11, 290, 262, 2068, 7586], [3290]]
+    stats: dict = {}
+    got = gptfast.generate(model, prompts, 33, temperature=0.0, stats=stats)  # crosses block 32
+    assert stats["decode_step"] == "native fused"
+    for p, row in zip(prompts, got):
+        want = generate_reference(model, torch.tensor([p]), 33, temperature=0.0)
+        assert row == want[0, len(p):].tolist(), p
+    stats = {}
+    big = gptfast.generate(model, (prompts * 6)[:17], 8, temperature=0.0, stats=stats)
+    assert stats["decode_step"] == "python"
+    assert big == [row[:8] for row in (got * 6)[:17]]
+
+
+def _bf16_rounded(model: GPT) -> GPT:
+    """A copy whose matrices (and the tied wte / LM head) hold bf16 values in fp32: what
+    weight_dtype='bf16' computes with. wpe, biases and LayerNorm stay as they are (the engine keeps
+    them fp32)."""
+    r = GPT(model.config, backend=model.backend)
+    r.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in r.named_parameters():
+            if p.dim() == 2 and "wpe" not in name:
+                p.copy_(p.bfloat16().float())
+    return r.eval()
+
+
+@pytest.mark.parametrize("preset,overrides,n", [("shakespeare-char", {}, 200),
+                                                ("gpt2", dict(n_layer=2, block_size=32), 33)])
+def test_weight_only_bf16_equals_reference_on_rounded_weights(preset, overrides, n):
+    """weight_dtype='bf16' widens each bf16 weight exactly and does fp32 math, so it generates what
+    the reference generates with the weights rounded to bf16 (batched, different lengths, sliding)."""
+    model = _model(preset, backend="native", **overrides)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    stats: dict = {}
+    got = gptfast.generate(model, prompts, n, temperature=0.0, weight_dtype="bf16", stats=stats)
+    assert stats["decode_step"] == "native fused" and stats["weight_dtype"] == "bfloat16"
+    n_mat = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "wpe" not in name)
+    assert stats["weight_copy_bytes"] == 2 * n_mat  # one bf16 copy of each matrix, the tied head once
+    rounded = _bf16_rounded(model)
+    for p, row in zip(prompts, got):
+        want = generate_reference(rounded, torch.tensor([p]), n, temperature=0.0)
+        assert row == want[0, len(p):].tolist(), _first_diff(torch.tensor([row]), want[:, len(p):])
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / META_NAME).exists(), reason="no shipped shakespeare_char model yet")
+def test_weight_only_bf16_accuracy_on_the_shipped_model(shakespeare_path):
+    """bf16 weights cost the shipped model < 0.5 % validation perplexity (measured: 4.6114 -> 4.6113
+    on the first 20k characters of the validation split, i.e. nothing beyond noise)."""
+    from gptfast.checkpoint import default_model
+    from gptfast.perplexity import sliding_window_perplexity
+
+    model, tok = default_model()
+    model.eval()
+    text = shakespeare_path.read_text()
+    ids = tok.encode(text[int(0.9 * len(text)):][:6000])
+    p32, _ = sliding_window_perplexity(model, ids)
+    p16, _ = sliding_window_perplexity(_bf16_rounded(model), ids)
+    assert abs(p16 / p32 - 1) < 0.005, (p32, p16)
 
 
 def test_greedy_matches_reference_gpt2_shape(gpt2_small):
@@ -312,6 +380,13 @@ def test_bad_arguments(tiny):
         gptfast.generate(tiny, [[1]], -1)
     with pytest.raises(ValueError, match="dtype"):
         gptfast.generate(tiny, [[1]], 1, dtype="int8")
+    with pytest.raises(ValueError, match=r"weight_dtype='bf16' needs the native CPU kernels"):
+        gptfast.generate(tiny, [[1]], 1, weight_dtype="bf16", backend="torch")
+    with pytest.raises(ValueError, match=r"weight_dtype must be None, 'bf16' or the activation dtype, got 'fp16'"):
+        gptfast.generate(tiny, [[1]], 1, weight_dtype="fp16", backend="native")
+    with pytest.raises(ValueError, match=r"weight_dtype='bf16' .* is a CPU fp32 option"):
+        gptfast.generate(tiny.double(), [[1]], 1, weight_dtype="bf16", backend="native")
+    tiny.float()
     assert gptfast.generate(tiny, [[1], [2]], 0) == [[], []]
 
 
@@ -343,6 +418,22 @@ def test_benchmark_generate_rows_schema():
     assert "engine[torch]" in format_rows(rows)
     assert "engine[torch]" in records.format_table(rows, "cpu", "generate")
 
+    # native on CPU fp32: also its Python step and weight-only bf16, each a timed row
+    rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=6, backends=("native",),
+                              include_hf=False, include_reference=False, quick=True, threads=None)
+    by = {r["backend"]: r for r in rows}
+    assert "fused step" in by["engine[native]"]["reason"]
+    for name in ("engine[native] python step", "engine[native] bf16 weights"):
+        assert by[name]["status"] == "ok" and by[name]["tokens_per_s"] > 0 and by[name]["pct_of_bound"] > 0
+    assert "greedy = fp32 engine for the first" in by["engine[native] bf16 weights"]["reason"]
+    assert "interleaved A/B" in by["engine[native] python step"]["reason"]
+    # held to its own (halved) weight bytes: % of bound per token/s is twice the fp32 engine's
+    ratio = lambda r: r["pct_of_bound"] / r["tokens_per_s"]  # noqa: E731
+    n = rows[0]["weight_bytes"]
+    kv = 2 * 2 * 64 * (4 + 6 / 2) * 4  # tiny: 2 layers x 64 wide, fp32 K/V at the mean length
+    assert ratio(by["engine[native] bf16 weights"]) / ratio(by["engine[native]"]) == pytest.approx(
+        (n / 2 + kv) / (n + kv), rel=1e-9)
+
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -370,6 +461,14 @@ def test_cli_streams_and_reports_speed(tmp_path):
     proc2 = _cli("--prompt", "-", *args, stdin="To be")
     assert proc2.returncode == 0 and proc2.stdout == proc.stdout
     assert main(["generate", *args, "--prompt", "To be", "--num-samples", "2", "--seed", "1"]) == 0
+    # weight-only bf16 on the native kernels: the reference's tokens with bf16-rounded matrices
+    nat = [a if a != "torch" else "native" for a in args]
+    proc3 = _cli("--prompt", "To be", *nat, "--weight-dtype", "bf16")
+    assert proc3.returncode == 0, proc3.stderr
+    want16 = generate_reference(_bf16_rounded(_model("tiny", backend="native")), torch.tensor([tok.encode("To be")]),
+                                6, temperature=0.0)
+    assert proc3.stdout == tok.decode(want16[0].tolist()) + "\n"
+    assert "weights bfloat16" in proc3.stderr
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -380,6 +479,8 @@ def test_cli_streams_and_reports_speed(tmp_path):
     (["--num-samples", "0"], "--num-samples"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--max-new-tokens", "200", "--overflow", "error"], "block_size"),
+    (["--weight-dtype", "bf16", "--dtype", "bf16"], "--weight-dtype bf16 needs --device cpu and --dtype fp32"),
+    (["--weight-dtype", "bf16", "--backend", "torch"], "weight_dtype='bf16' needs the native CPU kernels"),
 ])
 def test_cli_errors_are_one_line(flags, needle, capsys):
     from gptfast.cli import main

@@ -103,6 +103,29 @@ def test_native_inference_path(M, C, F, C_out, bias, monkeypatch):
     assert_close(real(*x64), reference.gelu_mlp(*x64), atol=1e-12, rtol=1e-12, what="fp64")
 
 
+# Weight-only bf16 (the engine's weight_dtype="bf16"): gelu_mlp_infer takes bf16 weights with fp32 x
+# and must equal the reference run on the widened weights (same fp32 tolerance: the arithmetic is
+# fp32). M <= 16 reads bf16 in the skinny kernel; M = 17 / 97 widen the weights for addmm.
+@pytest.mark.parametrize("M,C,F,C_out,bias", [(1, 768, 3072, 768, True), (3, 24, 72, 24, False),
+                                              (16, 40, 130, 17, True), (17, 24, 72, 24, True),
+                                              (97, 40, 130, 17, False)])
+def test_infer_bf16_weights_match_reference_on_widened_weights(M, C, F, C_out, bias):
+    native.load_extension()
+    x, w_fc, b_fc, w_proj, b_proj = _inputs(M, C, F, C_out, bias, seed=M + C)
+    wf, wp = w_fc.bfloat16(), w_proj.bfloat16()
+    y = torch.ops.gptfast.gelu_mlp_infer(x, wf, b_fc, wp, b_proj)
+    assert y.dtype == torch.float32 and y.shape == (M, C_out)
+    ref = reference.gelu_mlp(*(t.double() if t is not None else None for t in (x, wf, b_fc, wp, b_proj)))
+    assert_close(y, ref, **TOL, what=f"bf16 weights M={M}")
+    torch.library.opcheck(torch.ops.gptfast.gelu_mlp_infer.default, (x, wf, b_fc, wp, b_proj))
+    with pytest.raises(RuntimeError, match="gelu_mlp_infer: w_fc and w_proj must have the same dtype"):
+        torch.ops.gptfast.gelu_mlp_infer(x, wf, b_fc, w_proj, b_proj)
+    with pytest.raises(RuntimeError, match=r"gelu_mlp_infer: w_fc must have x's dtype Double \(or bfloat16"):
+        torch.ops.gptfast.gelu_mlp_infer(x.double(), wf, None, wp, None)
+    with pytest.raises(RuntimeError, match="gelu_mlp_fwd: w_fc must have x's dtype Float, got BFloat16"):
+        torch.ops.gptfast.gelu_mlp_fwd(x, wf, b_fc, wp, b_proj)  # training keeps one dtype
+
+
 def test_opcheck():
     native.load_extension()
     x, w_fc, b_fc, w_proj, b_proj = _inputs(6, 8, 20, 5)

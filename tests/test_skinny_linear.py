@@ -52,6 +52,39 @@ def test_fp32_matches_fp64_reference(M, K, N, bias):
     assert_close(y, _ref(x, w, b), atol=_tol32(x, w, K), rtol=1e-5, what=f"M={M} K={K} N={N} bias={bias}")
 
 
+# bf16 weights with fp32 x (weight-only bf16): exactly x @ w.float().T, i.e. the same tolerance as the
+# fp32 kernel against an fp64 reference of the *widened* weight. K values hit the 32-wide prefetch
+# loop, the 8-wide loop and the scalar tail (K % 8 != 0); N hits every 4-row tile remainder.
+@pytest.mark.parametrize("K,N", [(67, 131), (768, 2304), (5, 3), (1, 9), (40, 6), (3072, 37)])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 17])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_weights_match_fp64_reference_of_the_widened_weight(M, K, N, bias):
+    x, w, b = _inputs(M, K, N, seed=M * 7 + K + N)
+    b = b if bias else None
+    wb = w.bfloat16()
+    y = native.skinny_linear(x, wb, b)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    wf = wb.float()
+    assert_close(y, _ref(x, wf, b), atol=_tol32(x, wf, K), rtol=1e-5, what=f"bf16 w M={M} K={K} N={N} bias={bias}")
+    # and strided bf16 weights (row slice: used in place; transposed storage: copied)
+    ws = torch.randn(2 * N, K).bfloat16()[::2]
+    assert_close(native.skinny_linear(x, ws, None), _ref(x, ws.float(), None), atol=_tol32(x, ws.float(), K),
+                 rtol=1e-5, what="bf16 row slice")
+
+
+def test_bf16_weights_autograd_and_opcheck():
+    x, w, b = _inputs(3, 9, 10)
+    wb = w.bfloat16().requires_grad_()
+    xg = x.clone().requires_grad_()
+    y = native.skinny_linear(xg, wb, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close(xg.grad, dy @ wb.detach().float(), atol=1e-5, rtol=1e-5, what="dx")
+    assert wb.grad.dtype == torch.bfloat16
+    assert_close(wb.grad.float(), (dy.t() @ x).bfloat16().float(), atol=0, rtol=0, what="dw")
+    torch.library.opcheck(torch.ops.gptfast.skinny_linear.default, (x, w.bfloat16(), b))
+
+
 @pytest.mark.parametrize("M", [1, 4, 17])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fp64(M, bias):
@@ -114,8 +147,11 @@ def test_errors():
     x, w, b = _inputs(4, 8, 16)
     with pytest.raises(RuntimeError, match=r"skinny_linear: x must be float32 or float64, got Half"):
         f(x.half(), w.half(), None)
-    with pytest.raises(RuntimeError, match="skinny_linear: weight must have x's dtype Float, got Double"):
+    with pytest.raises(RuntimeError, match=r"skinny_linear: weight must have x's dtype Float \(or bfloat16 with "
+                                           r"float32 x: bf16 weights, fp32 math\), got Double"):
         f(x, w.double(), b)
+    with pytest.raises(RuntimeError, match=r"skinny_linear: weight must have x's dtype Double .*got BFloat16"):
+        f(x.double(), w.bfloat16(), None)
     with pytest.raises(RuntimeError, match="skinny_linear: bias must have x's dtype Float, got Double"):
         f(x, w, b.double())
     with pytest.raises(RuntimeError, match=r"skinny_linear: weight must have shape \(N, 8\) to match x"):

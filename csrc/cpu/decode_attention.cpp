@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "simd.h"
 
 namespace gptfast {
@@ -271,6 +272,8 @@ GPTFAST_CLONES void decode_f32(const at::Tensor& q, const at::Tensor& kc, const 
   decode_impl<float, float>(q, kc, vc, lens, scale, out);
 }
 
+}  // namespace
+
 at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const at::Tensor& cache_lens, double scale) {
   const char* op = "decode_attention";
@@ -315,7 +318,6 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   return out;
 }
 
-}  // namespace
 }  // namespace gptfast
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_attention", &gptfast::decode_attention_cpu); }

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu_ops.h"
 #include "simd.h"
 #include "skinny_linear.h"
 
@@ -85,10 +86,14 @@ void gelu_bwd_rows_f64(const double* pre, double* dh, double* h, double* db_acc,
   }
 }
 
-void check_2d(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
+// bf16w: gelu_mlp_infer also takes bfloat16 weights with float32 x (weight-only bf16, fp32 math).
+void check_2d(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op, bool bf16w = false) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
-              t.scalar_type());
+  if (bf16w && x.scalar_type() == at::kFloat && t.scalar_type() == at::kBFloat16) {
+  } else {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+                bf16w ? " (or bfloat16 with float32 x)" : "", ", got ", t.scalar_type());
+  }
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
@@ -108,18 +113,23 @@ void check_bias(const c10::optional<at::Tensor>& b, const char* name, int64_t n,
 }
 
 // Shapes: x (M, C), w_fc (F, C), w_proj (C_out, F).
-void check_weights(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor& w_proj, const char* op) {
-  check_2d(w_fc, "w_fc", x, op);
-  check_2d(w_proj, "w_proj", x, op);
+void check_weights(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor& w_proj, const char* op,
+                   bool bf16w = false) {
+  check_2d(w_fc, "w_fc", x, op, bf16w);
+  check_2d(w_proj, "w_proj", x, op, bf16w);
+  TORCH_CHECK(w_fc.scalar_type() == w_proj.scalar_type(), op, ": w_fc and w_proj must have the same dtype, got ",
+              w_fc.scalar_type(), " and ", w_proj.scalar_type());
   TORCH_CHECK(w_fc.size(1) == x.size(1), op, ": w_fc must have shape (F, ", x.size(1), ") to match x ", x.sizes(),
               ", got ", w_fc.sizes());
   TORCH_CHECK(w_proj.size(1) == w_fc.size(0), op, ": w_proj must have shape (C_out, ", w_fc.size(0),
               ") to match w_fc ", w_fc.sizes(), ", got ", w_proj.sizes());
 }
 
+}  // namespace
+
 // Few rows, fp32, weights with unit inner stride (nn.Linear's own; a transposed view would need a
 // copy of the weight, so those keep the addmm path): see the header comment.
-std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_skinny(const at::Tensor& x_, const at::Tensor& w_fc,
+static std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_skinny(const at::Tensor& x_, const at::Tensor& w_fc,
                                                        const c10::optional<at::Tensor>& b_fc,
                                                        const at::Tensor& w_proj,
                                                        const c10::optional<at::Tensor>& b_proj) {
@@ -133,17 +143,25 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_skinny(const at::Tensor& x_, con
   const at::Tensor bp = b_proj.has_value() ? b_proj->contiguous() : at::Tensor();
   float* pp = pre.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  skinny_linear_f32(x.data_ptr<float>(), C, w_fc.data_ptr<float>(), w_fc.stride(0),
-                    bf.defined() ? bf.data_ptr<float>() : nullptr, pp, M, F, C, [&](int64_t n0, int64_t n1) {
-                      for (int64_t m = 0; m < M; ++m) gelu_fwd_f32(pp + m * F + n0, hp + m * F + n0, n1 - n0);
-                    });
-  skinny_linear_f32(hp, F, w_proj.data_ptr<float>(), w_proj.stride(0), bp.defined() ? bp.data_ptr<float>() : nullptr,
-                    y.data_ptr<float>(), M, C_out, F);
+  const float* bfp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const float* bpp = bp.defined() ? bp.data_ptr<float>() : nullptr;
+  auto gelu = [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) gelu_fwd_f32(pp + m * F + n0, hp + m * F + n0, n1 - n0);
+  };
+  if (w_fc.scalar_type() == at::kBFloat16) {  // weight-only bf16 (gelu_mlp_infer)
+    skinny_linear_bf16w(x.data_ptr<float>(), C, reinterpret_cast<const uint16_t*>(w_fc.data_ptr()), w_fc.stride(0),
+                        bfp, pp, M, F, C, gelu);
+    skinny_linear_bf16w(hp, F, reinterpret_cast<const uint16_t*>(w_proj.data_ptr()), w_proj.stride(0), bpp,
+                        y.data_ptr<float>(), M, C_out, F);
+  } else {
+    skinny_linear_f32(x.data_ptr<float>(), C, w_fc.data_ptr<float>(), w_fc.stride(0), bfp, pp, M, F, C, gelu);
+    skinny_linear_f32(hp, F, w_proj.data_ptr<float>(), w_proj.stride(0), bpp, y.data_ptr<float>(), M, C_out, F);
+  }
   return {y, pre};
 }
 
 // h = gelu(pre) over n elements, in parallel; h may be pre itself (in place).
-void gelu_fwd(const at::Tensor& pre, at::Tensor& h) {
+static void gelu_fwd(const at::Tensor& pre, at::Tensor& h) {
   const int64_t n = pre.numel();
   if (n > 0) {
     if (pre.scalar_type() == at::kFloat) {
@@ -158,25 +176,26 @@ void gelu_fwd(const at::Tensor& pre, at::Tensor& h) {
   }
 }
 
-void check_fwd_args(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
-                    const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj, const char* op) {
+static void check_fwd_args(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
+                    const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj, const char* op,
+                    bool bf16w = false) {
   check_x(x, op);
-  check_weights(x, w_fc, w_proj, op);
+  check_weights(x, w_fc, w_proj, op, bf16w);
   check_bias(b_fc, "b_fc", w_fc.size(0), x, op);
   check_bias(b_proj, "b_proj", w_proj.size(0), x, op);
 }
 
-bool use_skinny(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor& w_proj) {
+static bool use_skinny(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor& w_proj) {
   return x.scalar_type() == at::kFloat && x.size(0) <= kSkinnyMaxM && w_fc.stride(1) == 1 && w_proj.stride(1) == 1 &&
          w_fc.size(1) > 1 && w_proj.size(1) > 1;
 }
 
 // (M, F) pre-activation x w_fc^T + b_fc; addmm handles any strides of x and the transposed weight view.
-at::Tensor fc(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc) {
+static at::Tensor fc(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc) {
   return (b_fc.has_value() ? at::addmm(*b_fc, x, w_fc.t()) : at::mm(x, w_fc.t())).contiguous();
 }
 
-at::Tensor proj(const at::Tensor& h, const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
+static at::Tensor proj(const at::Tensor& h, const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
   return b_proj.has_value() ? at::addmm(*b_proj, h, w_proj.t()) : at::mm(h, w_proj.t());  // (M, C_out)
 }
 
@@ -195,8 +214,11 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd(const at::Tensor& x, const at::T
 // fewer pass of writes through memory).
 at::Tensor gelu_mlp_infer(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
                           const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
-  check_fwd_args(x, w_fc, b_fc, w_proj, b_proj, "gelu_mlp_infer");
+  check_fwd_args(x, w_fc, b_fc, w_proj, b_proj, "gelu_mlp_infer", /*bf16w=*/true);
   if (use_skinny(x, w_fc, w_proj)) return std::get<0>(gelu_mlp_fwd_skinny(x, w_fc, b_fc, w_proj, b_proj));
+  if (w_fc.scalar_type() != x.scalar_type()) {  // bf16 weights, many rows: a GEMM on fp32 copies (exact widening)
+    return gelu_mlp_infer(x, w_fc.to(x.scalar_type()), b_fc, w_proj.to(x.scalar_type()), b_proj);
+  }
   at::Tensor h = fc(x, w_fc, b_fc);
   gelu_fwd(h, h);
   return proj(h, w_proj, b_proj);
@@ -243,7 +265,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_
   return {dx, dw_fc, db_fc, dw_proj, db_proj};
 }
 
-}  // namespace
 }  // namespace gptfast
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) {

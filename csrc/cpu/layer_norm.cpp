@@ -19,6 +19,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "simd.h"
 
 namespace gptfast {
@@ -185,6 +186,8 @@ void check_x(const at::Tensor& x, const char* name, const char* op) {
 // Rows per parallel task: enough work (~16K elements) to amortise the task overhead.
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------- ops
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x_,
@@ -309,7 +312,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   return {dx, sums[0].clone(), sums[1].clone()};  // separate storages: outputs must not alias
 }
 
-}  // namespace
 }  // namespace gptfast
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) {

@@ -23,6 +23,13 @@ void skinny_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw,
                        int64_t M, int64_t N, int64_t K,
                        const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
 
+// The same with bf16 weights (raw bits, w rows ldw elements apart) and fp32 x / bias / out: each
+// weight element is widened to fp32 exactly and every product accumulates in fp32 (weight-only bf16:
+// half the bytes streamed per call, the arithmetic of the fp32 kernel).
+void skinny_linear_bf16w(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out,
+                         int64_t M, int64_t N, int64_t K,
+                         const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
+
 // The op: checks its inputs (errors name `op`), returns x @ weight^T + bias as a new (M, N) tensor.
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 

@@ -290,6 +290,14 @@ def _register_fakes() -> None:
                     f"skinny_linear: bias must have shape ({weight.shape[0]},)")
         return _empty((x.shape[0], weight.shape[0]), x)
 
+    @reg("gptfast::decode_step")
+    def _(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache, eps):
+        _fake_check(tokens.dim() == 1, f"decode_step: tokens must be 1-D (B,), got {tuple(tokens.shape)}")
+        _fake_check(w_head.dim() == 2, f"decode_step: w_head must be 2-D (V, C), got {tuple(w_head.shape)}")
+        _fake_check(len(layers) == 12 * len(k_cache) and len(k_cache) == len(v_cache),
+                    "decode_step: layers must hold 12 entries per cache layer")
+        return _empty((tokens.shape[0], w_head.shape[0]), wpe, torch.float32)
+
     @reg("gptfast::sample")
     def _(logits, temperature, top_k, top_p, uniform):
         _fake_check(logits.dim() == 2, f"sample: logits must be 2-D (B, V), got {tuple(logits.shape)}")
@@ -350,7 +358,8 @@ def _skinny_setup(ctx, inputs, output):
 def _skinny_backward(ctx, dy):
     # Training-size shapes: plain ATen matmuls (the kernel is a forward for few rows).
     x, weight = ctx.saved_tensors
-    return dy @ weight, dy.t() @ x, (dy.sum(0) if ctx.has_bias else None)
+    # bf16 weight with fp32 x (weight-only bf16): fp32 math, the weight's gradient in its dtype.
+    return dy @ weight.to(dy.dtype), (dy.t() @ x).to(weight.dtype), (dy.sum(0) if ctx.has_bias else None)
 
 
 def _register_autograd() -> None:
@@ -455,10 +464,34 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x (M, K) @ weight (N, K)^T + bias (N,) -> (M, N): `F.linear` for a few rows (CPU, fp32/fp64).
 
     Streams the weight once whatever M is (batched decoding); weight in nn.Linear layout, inner
-    stride 1 (anything else is copied first). Differentiable (backward with ATen matmuls).
+    stride 1 (anything else is copied first). On CPU the weight may also be bf16 with fp32 x
+    (weight-only bf16: widened exactly, accumulated in fp32; output fp32). Differentiable
+    (backward with ATen matmuls).
     """
     ensure_loaded()
     return torch.ops.gptfast.skinny_linear(x, weight, bias)
+
+
+def decode_step(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache, eps: float) -> torch.Tensor:
+    """One GPT-2 decoding step in one native CPU op (no Python between kernels): tokens, pos (B,)
+    int64 -> logits (B, V) fp32, writing each row's K/V into `k_cache` / `v_cache` at pos.
+
+    Arguments as the schema in csrc/registration.cpp (`layers`: 12 tensors or None per block,
+    nn.Linear layouts, matrices fp32 or bf16). `gptfast.engine` builds them; see
+    csrc/cpu/decode_step.cpp for what it computes.
+    """
+    ensure_loaded()
+    return torch.ops.gptfast.decode_step(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache,
+                                         float(eps))
+
+
+def decode_step_available() -> bool:
+    """Whether the loaded library has the fused CPU decode step (False if not built)."""
+    try:
+        ensure_loaded()
+    except RuntimeError:
+        return False
+    return _has_kernel("decode_step", "cpu")
 
 
 def skinny_linear_available(device_type: str = "cpu") -> bool:

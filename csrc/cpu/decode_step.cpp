@@ -1,0 +1,179 @@
+// One GPT-2 decoding step on CPU as a single op: tokens (B,) at positions pos (B,) -> logits (B, V).
+//
+// Why: batch-1 decoding of GPT-2 124M streams ~500 MB of weights per token and does almost no
+// other work, so everything that is not a weight stream is overhead to remove. Run from Python,
+// one step is ~110 op calls (12 layers x LayerNorm, QKV, cache writes, attention, projections,
+// MLP, residual adds) plus their Python: ~2 ms per token measured on this project's 2-core VM,
+// ~7 % of a 28 ms step. This op runs the same forward from C++, calling the other ops' C++ entry
+// points directly (cpu_ops.h, skinny_linear.h): no Python, no dispatcher, no autograd bookkeeping
+// between kernels. It is the CPU counterpart of what gpt-fast does on GPU by capturing the step
+// in a CUDA graph (github.com/pytorch-labs/gpt-fast, generate.py: decode_one_token under
+// torch.compile(mode="reduce-overhead")).
+//
+// The computation is exactly gptfast.engine.decode_one_token's with the native backend (same
+// kernels, same order: embedding + position, then per block ln_1 -> c_attn -> write K/V at each
+// row's own position -> decode attention over positions 0..pos[b] -> c_proj + residual -> ln_2 ->
+// GELU-MLP + residual, then ln_f and the LM head), so the two agree to the last bit; the tests
+// check both against the reference generation.
+//
+// Weights are nn.Linear's (out, in) layout, used in place. Matrices may be fp32 or bf16
+// (weight-only bf16: half the bytes streamed; every product widened exactly and accumulated in
+// fp32). Activations, LayerNorm parameters, biases, wpe and the KV cache are fp32.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "cpu_ops.h"
+#include "skinny_linear.h"
+
+namespace gptfast {
+namespace {
+
+constexpr int64_t kPerLayer = 12;  // ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc, w_proj, b_proj
+constexpr const char* kSlot[kPerLayer] = {"ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o",    "b_o",
+                                          "ln2_w", "ln2_b", "w_fc",  "b_fc",  "w_proj", "b_proj"};
+constexpr const char* kOp = "decode_step";
+
+void check_matrix(const c10::optional<at::Tensor>& t, int64_t layer, int slot, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.has_value(), kOp, ": layers[", layer * kPerLayer + slot, "] (layer ", layer, " ", kSlot[slot],
+              ") must be a tensor, got None");
+  TORCH_CHECK(t->device().is_cpu(), kOp, ": layer ", layer, " ", kSlot[slot], " must be a CPU tensor, got device ",
+              t->device());
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, kOp, ": layer ", layer, " ",
+              kSlot[slot], " must be float32 or bfloat16, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 2 && (rows < 0 || t->size(0) == rows) && t->size(1) == cols, kOp, ": layer ", layer, " ",
+              kSlot[slot], " must have shape (", rows < 0 ? std::string("F") : std::to_string(rows), ", ", cols,
+              "), got ", t->sizes());
+}
+
+void check_vector(const c10::optional<at::Tensor>& t, const std::string& name, int64_t n) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got device ", t->device());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, kOp, ": ", name, " must have shape (", n, "), got ", t->sizes());
+}
+
+// K and V of every row (qkv (B, 3C) = [q | k | v], head h at h*D) into the caches (B, H, T_max, D),
+// contiguous, at each row's own position.
+void write_kv(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const int64_t* pos) {
+  const int64_t B = kc.size(0), H = kc.size(1), T_max = kc.size(2), D = kc.size(3), C = H * D;
+  const float* src = qkv.data_ptr<float>();
+  float* kp = kc.data_ptr<float>();
+  float* vp = vc.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t dst = ((b * H + h) * T_max + pos[b]) * D;
+      std::memcpy(kp + dst, src + b * 3 * C + C + h * D, D * sizeof(float));
+      std::memcpy(vp + dst, src + b * 3 * C + 2 * C + h * D, D * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& wte, const at::Tensor& wpe,
+                       const c10::List<c10::optional<at::Tensor>>& layers, const c10::optional<at::Tensor>& lnf_w,
+                       const c10::optional<at::Tensor>& lnf_b, const at::Tensor& w_head, at::TensorList k_cache,
+                       at::TensorList v_cache, double eps) {
+  // ---- inputs: every one checked here, before anything is written to the caches
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
+              ": tokens must be a 1-D int64 CPU tensor (B,), got ", tokens.scalar_type(), " ", tokens.sizes(), " on ",
+              tokens.device());
+  const int64_t B = tokens.size(0);
+  TORCH_CHECK(B >= 1, kOp, ": tokens must hold at least one row, got shape ", tokens.sizes());
+  TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == B, kOp,
+              ": pos must be a 1-D int64 CPU tensor of shape (", B, "), got ", pos.scalar_type(), " ", pos.sizes(),
+              " on ", pos.device());
+  TORCH_CHECK(wte.device().is_cpu() && wte.dim() == 2 &&
+                  (wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16),
+              kOp, ": wte must be a 2-D float32 or bfloat16 CPU tensor (V, C), got ", wte.scalar_type(), " ",
+              wte.sizes(), " on ", wte.device());
+  const int64_t C = wte.size(1);
+  TORCH_CHECK(wpe.device().is_cpu() && wpe.scalar_type() == at::kFloat && wpe.dim() == 2 && wpe.size(1) == C, kOp,
+              ": wpe must be a float32 CPU tensor of shape (block_size, ", C, "), got ", wpe.scalar_type(), " ",
+              wpe.sizes(), " on ", wpe.device());
+  const int64_t L = static_cast<int64_t>(k_cache.size());
+  TORCH_CHECK(static_cast<int64_t>(v_cache.size()) == L, kOp, ": k_cache and v_cache must hold one tensor per layer "
+              "each, got ", L, " and ", v_cache.size());
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == kPerLayer * L, kOp, ": layers must hold ", kPerLayer,
+              " entries per layer (", kPerLayer * L, " for ", L, " cache layers), got ", layers.size());
+  int64_t H = 0, T_max = 0, D = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache[l]},
+                                  {"v_cache", v_cache[l]}}) {
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.is_contiguous(), kOp, ": ",
+                  name, "[", l, "] must be a contiguous 4-D float32 CPU tensor (B, H, T_max, D), got ",
+                  t.scalar_type(), " ", t.sizes(), " on ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+      if (H == 0) {
+        H = t.size(1), T_max = t.size(2), D = t.size(3);
+        TORCH_CHECK(t.size(0) == B && H >= 1 && D >= 1 && H * D == C && T_max >= 1, kOp, ": ", name, "[", l,
+                    "] must have shape (", B, ", H, T_max, D) with H * D = C = ", C, ", got ", t.sizes());
+      }
+      TORCH_CHECK(t.size(0) == B && t.size(1) == H && t.size(2) == T_max && t.size(3) == D, kOp, ": ", name, "[", l,
+                  "] must have shape (", B, ", ", H, ", ", T_max, ", ", D, ") like k_cache[0], got ", t.sizes());
+    }
+  }
+  const at::Tensor tok = tokens.contiguous(), ps = pos.contiguous();
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  const int64_t T_lim = L > 0 ? std::min(T_max, wpe.size(0)) : wpe.size(0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tp[b] >= 0 && tp[b] < wte.size(0), kOp, ": tokens[", b, "] must be in [0, ", wte.size(0), "), got ",
+                tp[b]);
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < T_lim, kOp, ": pos[", b, "] must be in [0, ", T_lim,
+                ") (the cache length and the position table), got ", pp[b]);
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    auto at_ = [&](int slot) -> const c10::optional<at::Tensor> { return layers.get(l * kPerLayer + slot); };
+    const std::string pre = "layer " + std::to_string(l) + " ";
+    check_vector(at_(0), pre + kSlot[0], C);
+    check_vector(at_(1), pre + kSlot[1], C);
+    check_matrix(at_(2), l, 2, 3 * C, C);
+    check_vector(at_(3), pre + kSlot[3], 3 * C);
+    check_matrix(at_(4), l, 4, C, C);
+    check_vector(at_(5), pre + kSlot[5], C);
+    check_vector(at_(6), pre + kSlot[6], C);
+    check_vector(at_(7), pre + kSlot[7], C);
+    check_matrix(at_(8), l, 8, -1, C);
+    const int64_t F = at_(8)->size(0);
+    check_vector(at_(9), pre + kSlot[9], F);
+    check_matrix(at_(10), l, 10, C, F);
+    check_vector(at_(11), pre + kSlot[11], C);
+    TORCH_CHECK(at_(8)->scalar_type() == at_(10)->scalar_type(), kOp, ": layer ", l,
+                " w_fc and w_proj must have the same dtype, got ", at_(8)->scalar_type(), " and ",
+                at_(10)->scalar_type());
+  }
+  check_vector(lnf_w, "lnf_w", C);
+  check_vector(lnf_b, "lnf_b", C);
+  TORCH_CHECK(w_head.device().is_cpu() && w_head.dim() == 2 && w_head.size(1) == C &&
+                  (w_head.scalar_type() == at::kFloat || w_head.scalar_type() == at::kBFloat16),
+              kOp, ": w_head must be a float32 or bfloat16 CPU tensor of shape (V, ", C, "), got ",
+              w_head.scalar_type(), " ", w_head.sizes(), " on ", w_head.device());
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, kOp, ": eps must be a positive finite number, got ", eps);
+
+  // ---- the forward (see the header comment; mirrors gptfast.engine.decode_one_token)
+  at::Tensor x = wte.index_select(0, tok).to(at::kFloat);  // (B, C): a new tensor even when wte is fp32
+  x.add_(wpe.index_select(0, ps));
+  const at::Tensor lens = ps + 1;  // each row attends to positions 0..pos[b]
+  const double scale = D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0;
+  for (int64_t l = 0; l < L; ++l) {
+    auto at_ = [&](int slot) -> const c10::optional<at::Tensor> { return layers.get(l * kPerLayer + slot); };
+    at::Tensor kc = k_cache[l], vc = v_cache[l];
+    at::Tensor h = std::get<0>(layer_norm_fwd(x, at_(0), at_(1), eps));
+    const at::Tensor qkv = skinny_linear(h, *at_(2), at_(3));  // (B, 3C)
+    write_kv(qkv, kc, vc, pp);
+    const at::Tensor q = qkv.view({B, 3, H, D}).select(1, 0).unsqueeze(2);  // (B, H, 1, D) view
+    const at::Tensor y = decode_attention_cpu(q, kc, vc, lens, scale);     // (B, H, 1, D) contiguous
+    x.add_(skinny_linear(y.view({B, C}), *at_(4), at_(5)));
+    h = std::get<0>(layer_norm_fwd(x, at_(6), at_(7), eps));
+    x.add_(gelu_mlp_infer(h, *at_(8), at_(9), *at_(10), at_(11)));
+  }
+  x = std::get<0>(layer_norm_fwd(x, lnf_w, lnf_b, eps));
+  return skinny_linear(x, w_head, c10::nullopt);  // (B, V) fp32
+}
+
+}  // namespace gptfast
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) { m.impl("decode_step", &gptfast::decode_step); }
