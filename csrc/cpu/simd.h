@@ -22,6 +22,7 @@
 #endif
 
 #define GPTFAST_INLINE inline __attribute__((always_inline))
+#define GPTFAST_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace gptfast {
 

@@ -6,18 +6,25 @@
 // sgemm on this CPU) does not manage that for 2 <= M <= 16: it packs / blocks for large GEMMs
 // and, for (8, 768) x (768, 50257), took ~38 ms where streaming the 154 MB weight takes ~10 ms.
 //
-// Algorithm (fp32):
+// Algorithm (fp32 x; weights fp32, or bf16 = weight-only bf16 with fp32 math):
 // - Parallel over N (at::parallel_for): each thread owns one contiguous range of weight rows, so
-//   it streams its part of the weight sequentially (hardware prefetchers like that) and writes its
-//   own columns of y; no reductions across threads.
+//   it streams its part of the weight sequentially and writes its own columns of y; no reductions
+//   across threads.
 // - Within a range, four weight rows at a time (4 x K floats: 12 KB for K = 768, stays in L1) are
 //   combined with every row of x, two rows at a time: one pass over K computes the 4 x 2 dot
-//   products with 8 independent `#pragma omp simd` reduction accumulators (8 vector chains keep
-//   both FMA pipes busy despite the FMA latency; per 8 FMAs the loop loads 4 weight and 2 x
-//   vectors). Four weight rows in flight are four concurrent DRAM streams: measured on this CPU,
-//   that streams ~1.5x faster than two rows x four x rows (head at M = 8: 12.8 vs 20 ms). x (M x K
+//   products in 8 independent 8-lane FMA chains (enough to hide the FMA latency; per 8 FMAs the
+//   loop loads 4 weight and 2 x vectors). Four weight rows in flight are four concurrent DRAM
+//   streams: measured on this CPU, that streams ~1.5x faster than two rows x four x rows. x (M x K
 //   floats, 24 KB for M = 8) stays in L1 / L2 across all weight rows, so the weight is read from
 //   memory once whatever M is.
+// - Software prefetch, PF_ROWS weight rows ahead, one per cache line of each row (see tile_4xMB).
+//   Without it the stream fell behind DRAM as soon as the arithmetic per byte grew: GPT-2's head
+//   (768 -> 50257, 2 threads) took 9.2 / 10.0 / 13.5 / 20.3 ms at M = 2 / 4 / 8 / 16 against
+//   6.7 at M = 1; with it 6.7 / 7.0 / 8.5 / 13.2 (M = 1 unchanged at the bandwidth). The bf16
+//   tile, which also widens every element, went from 6.2 to 3.9 ms at M = 1 (fp32: 6.4-6.7).
+// - bf16 weights: each element is widened to fp32 exactly (a 16-bit shift; one vpmovzxwd + one
+//   shift per 8 elements on AVX2) and accumulated in fp32, so y equals x @ w.float().T up to the
+//   summation order, with half the bytes streamed.
 // - Bias is added when the dot products are stored. An optional epilogue runs on each thread's
 //   column range right after it is computed (gelu_mlp uses it to apply GELU while the
 //   pre-activation is still in cache).
@@ -36,7 +43,7 @@ namespace gptfast {
 namespace {
 
 // A weight element as fp32. bf16 is the top half of an fp32 (same exponent), so widening is a
-// 16-bit shift: exact, and it vectorises (zero-extend + shift) on any x86-64, no avx512_bf16 needed.
+// 16-bit shift: exact, and cheap on any x86-64 (no avx512_bf16 needed).
 GPTFAST_INLINE float wload(float v) { return v; }
 GPTFAST_INLINE float wload(uint16_t v) {
   const uint32_t u = uint32_t(v) << 16;
@@ -45,51 +52,9 @@ GPTFAST_INLINE float wload(uint16_t v) {
   return f;
 }
 
-// Dot products of MB (1 or 2) rows of x (ldx apart) with four weight rows (ldw apart, K elements
-// each, fp32 or bf16 bits): o[r * 4 + j] = x_r . w_j, accumulated in fp32.
-template <int MB, typename W>
-GPTFAST_INLINE void tile_4xMB(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t ldw,
-                              int64_t K, float* o) {
-  const float* x0 = x;
-  const float* x1 = x + (MB > 1 ? ldx : 0);
-  const W* w0 = w;
-  const W* w1 = w + ldw;
-  const W* w2 = w + 2 * ldw;
-  const W* w3 = w + 3 * ldw;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-  for (int64_t k = 0; k < K; ++k) {
-    const float u0 = wload(w0[k]), u1 = wload(w1[k]), u2 = wload(w2[k]), u3 = wload(w3[k]);
-    const float p = x0[k];
-    a0 += p * u0;
-    a1 += p * u1;
-    a2 += p * u2;
-    a3 += p * u3;
-    if constexpr (MB > 1) {
-      const float q = x1[k];
-      b0 += q * u0;
-      b1 += q * u1;
-      b2 += q * u2;
-      b3 += q * u3;
-    }
-  }
-  o[0] = a0;
-  o[1] = a1;
-  o[2] = a2;
-  o[3] = a3;
-  if constexpr (MB > 1) {
-    o[4] = b0;
-    o[5] = b1;
-    o[6] = b2;
-    o[7] = b3;
-  }
-}
-
-// The bf16 tile with explicit 8-lane vectors: GCC leaves the generic template's widening loads
-// (`wload` under `omp simd`) scalar, which made the bf16 kernel compute bound (measured: no faster
-// than fp32). Eight bf16 -> zero-extend to 32 bits -> shift -> eight fp32 lanes, then the same
-// 4 x MB FMA chains; the K % 8 tail is scalar.
-GPTFAST_INLINE Vf vload_bf16(const uint16_t* p) {
+// Eight weight elements as fp32 lanes.
+GPTFAST_INLINE Vf vload_w(const float* p) { return vload(p); }
+GPTFAST_INLINE Vf vload_w(const uint16_t* p) {
 #if defined(__AVX2__)
   // One vpmovzxwd ymm + one shift (GCC lowers the generic version below to two 128-bit halves).
   const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
@@ -106,85 +71,57 @@ GPTFAST_INLINE Vf vload_bf16(const uint16_t* p) {
 #endif
 }
 
+// Software prefetch distance, in weight rows ahead of the tile (measured on this project's Zen 3
+// VM, GPT-2 head 768 -> 50257, 2 threads; bf16 M = 1: 6.2 ms without, 4.4 / 4.1 / 3.9 ms at 4 / 8
+// / 16 rows; fp32 M = 8: see the header comment). Out-of-range prefetches (past a thread's range
+// or the matrix) are harmless: a prefetch never faults.
 #ifndef GPTFAST_PF_ROWS
 #define GPTFAST_PF_ROWS 16
 #endif
-#ifndef GPTFAST_PF_LOC
-#define GPTFAST_PF_LOC 3
-#endif
 
-template <>
-GPTFAST_INLINE void tile_4xMB<1, uint16_t>(const float* __restrict x, int64_t, const uint16_t* __restrict w,
-                                           int64_t ldw, int64_t K, float* o) {
-  Vf a0{}, a1{}, a2{}, a3{};
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    for (int j = 0; j < 4; ++j) __builtin_prefetch(w + (GPTFAST_PF_ROWS + j) * ldw + k, 0, GPTFAST_PF_LOC);
-    for (int kk = k; kk < k + 32; kk += 8) {
-      const Vf p = vload(x + kk);
-      a0 += p * vload_bf16(w + kk);
-      a1 += p * vload_bf16(w + ldw + kk);
-      a2 += p * vload_bf16(w + 2 * ldw + kk);
-      a3 += p * vload_bf16(w + 3 * ldw + kk);
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    const Vf p = vload(x + k);
-    a0 += p * vload_bf16(w + k);
-    a1 += p * vload_bf16(w + ldw + k);
-    a2 += p * vload_bf16(w + 2 * ldw + k);
-    a3 += p * vload_bf16(w + 3 * ldw + k);
-  }
-  float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-  for (; k < K; ++k)
-    for (int j = 0; j < 4; ++j) s[j] += x[k] * wload(w[j * ldw + k]);
-  for (int j = 0; j < 4; ++j) o[j] = s[j];
-}
-
-template <>
-GPTFAST_INLINE void tile_4xMB<2, uint16_t>(const float* __restrict x, int64_t ldx, const uint16_t* __restrict w,
-                                           int64_t ldw, int64_t K, float* o) {
-  const float* x1 = x + ldx;
+// Dot products of MB (1 or 2) rows of x (ldx apart) with four weight rows (ldw apart, K elements
+// each, fp32 or bf16 bits): o[r * 4 + j] = x_r . w_j, accumulated in fp32 with 4 x MB independent
+// 8-lane FMA chains. Per cache line of each weight row, the line PF_ROWS rows further on is
+// prefetched: the hardware prefetchers alone keep too few lines in flight once the arithmetic per
+// byte grows (bf16 widening; two x rows), and the stream then runs well below the DRAM bandwidth.
+// The K % 8 tail is scalar.
+template <int MB, typename W>
+GPTFAST_INLINE void tile_4xMB(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t ldw,
+                              int64_t K, float* o) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // elements per 64-byte line: 16 fp32, 32 bf16
+  const float* x1 = x + (MB > 1 ? ldx : 0);
   Vf a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    for (int j = 0; j < 4; ++j) __builtin_prefetch(w + (GPTFAST_PF_ROWS + j) * ldw + k, 0, GPTFAST_PF_LOC);
-    for (int kk = k; kk < k + 32; kk += 8) {
-      const Vf u0 = vload_bf16(w + kk), u1 = vload_bf16(w + ldw + kk), u2 = vload_bf16(w + 2 * ldw + kk),
-               u3 = vload_bf16(w + 3 * ldw + kk);
-      const Vf p = vload(x + kk), q = vload(x1 + kk);
-      a0 += p * u0;
-      a1 += p * u1;
-      a2 += p * u2;
-      a3 += p * u3;
+  auto step = [&](int64_t k) GPTFAST_INLINE_LAMBDA {
+    const Vf u0 = vload_w(w + k), u1 = vload_w(w + ldw + k), u2 = vload_w(w + 2 * ldw + k),
+             u3 = vload_w(w + 3 * ldw + k);
+    const Vf p = vload(x + k);
+    a0 += p * u0;
+    a1 += p * u1;
+    a2 += p * u2;
+    a3 += p * u3;
+    if constexpr (MB > 1) {
+      const Vf q = vload(x1 + k);
       b0 += q * u0;
       b1 += q * u1;
       b2 += q * u2;
       b3 += q * u3;
     }
+  };
+  int64_t k = 0;
+  for (; k + kLine <= K; k += kLine) {
+    for (int j = 0; j < 4; ++j) __builtin_prefetch(w + (GPTFAST_PF_ROWS + j) * ldw + k, 0, 3);
+    for (int64_t kk = k; kk < k + kLine; kk += 8) step(kk);
   }
-  for (; k + 8 <= K; k += 8) {
-    const Vf u0 = vload_bf16(w + k), u1 = vload_bf16(w + ldw + k), u2 = vload_bf16(w + 2 * ldw + k),
-             u3 = vload_bf16(w + 3 * ldw + k);
-    const Vf p = vload(x + k), q = vload(x1 + k);
-    a0 += p * u0;
-    a1 += p * u1;
-    a2 += p * u2;
-    a3 += p * u3;
-    b0 += q * u0;
-    b1 += q * u1;
-    b2 += q * u2;
-    b3 += q * u3;
-  }
+  for (; k + 8 <= K; k += 8) step(k);
   float s[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(b0), hsum(b1), hsum(b2), hsum(b3)};
   for (; k < K; ++k) {
     for (int j = 0; j < 4; ++j) {
       const float u = wload(w[j * ldw + k]);
       s[j] += x[k] * u;
-      s[4 + j] += x1[k] * u;
+      if constexpr (MB > 1) s[4 + j] += x1[k] * u;
     }
   }
-  for (int j = 0; j < 8; ++j) o[j] = s[j];
+  for (int j = 0; j < 4 * MB; ++j) o[j] = s[j];
 }
 
 // Columns [n0, n1) of out (M, N) for all M rows.
