@@ -39,8 +39,8 @@ Speed on CPU (batch-1 decoding is a chain of matrix-vector products, i.e. memory
   ~28 ms batch-1 step on the 2-core VM (measured with a model whose kernels take ~0). So when every
   op of the step resolves to `native` on CPU fp32, the step runs as one op, `gptfast::decode_step`
   (csrc/cpu/decode_step.cpp): the same kernels in the same order called from C++, bit-for-bit the
-  Python step (tests/test_decode_step.py). Measured interleaved, GPT-2 124M batch 1: 25.1 vs
-  27.5 ms per token (median of 6). It is the CPU counterpart of gpt-fast's CUDA-graph capture.
+  Python step (tests/test_decode_step.py). Measured interleaved, GPT-2 124M: 1.07-1.10x at batch
+  1, 1.11x at batch 8 (`gptfast bench generate`, "python step" rows). It is the CPU counterpart of gpt-fast's CUDA-graph capture.
   `compile=True` keeps the Python step (that is what gets compiled); `FUSED_STEP = False` too.
 - Weight-only bf16 (`weight_dtype="bf16"`, CPU fp32, native). Batch-1 decoding streams the
   weights, so halving their bytes is the one lever left once the step runs at the bandwidth bound.

@@ -95,3 +95,33 @@ def test_import_builds_nothing(tmp_path):
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
     assert not any(tmp_path.iterdir()), "importing gptfast created files in the extension cache"
+
+
+def test_old_jit_builds_are_pruned(tmp_path):
+    """Each source change is a new ext-<hash> build in the cache: keep the most recently used few
+    (and anything touched in the last hour), never the one in use, nothing not named like ours."""
+    import os
+    import time
+
+    from gptfast.ops import native
+
+    now = time.time()
+    dirs = []
+    for i in range(7):  # ext-...0 newest, ext-...6 oldest (days old)
+        d = tmp_path / f"ext-{i:016x}"
+        d.mkdir()
+        (d / "lib.so").write_text("x")
+        os.utime(d, (now - 86400 * i - 7200, now - 86400 * i - 7200))
+        dirs.append(d)
+    os.utime(dirs[5], (now - 60, now - 60))  # touched a minute ago: another process may be building it
+    os.utime(dirs[4], (now - 120, now - 120))
+    other = tmp_path / "ext-not-ours"
+    other.mkdir()
+    os.utime(other, (now - 86400 * 30, now - 86400 * 30))
+    current = dirs[6]  # in use, yet the oldest by mtime: must survive
+    removed = native.prune_builds(str(current), keep=3)  # keeps 5, 4 (recent) and 0; 6 is in use
+    assert sorted(removed) == sorted(str(d) for d in dirs[1:4]), removed
+    removed = native.prune_builds(str(current), keep=1)  # 4 survives: used < 1 hour ago
+    assert removed == [str(dirs[0])], removed
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {d.name for d in (dirs[4], dirs[5], dirs[6])} | {"ext-not-ours"}

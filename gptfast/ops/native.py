@@ -7,7 +7,8 @@ The op schemas live in csrc/registration.cpp (namespace `gptfast`); the kernels 
    `load_extension` or any op): the `gptfast._C` built by `pip install --no-build-isolation -e .`
    if it exists and matches the sources, else a JIT build with `torch.utils.cpp_extension.load`
    into `$GPTFAST_EXT_DIR/ext-<hash>` (default `$XDG_CACHE_HOME/gptfast` or `~/.cache/gptfast`),
-   once per process, under a lock. A failed build warns once and makes `availability` return
+   once per process, under a lock (older builds there beyond the `KEEP_BUILDS` most recently used
+   are removed, see `prune_builds`). A failed build warns once and makes `availability` return
    "build failed: <first error line>", so `auto` falls back to the next backend. Importing this
    module builds nothing.
 2. registers a fake (meta) kernel for every op of the schema, so the ops trace under
@@ -46,7 +47,9 @@ import importlib
 import importlib.util
 import os
 import re
+import shutil
 import threading
+import time
 import warnings
 
 import torch
@@ -103,6 +106,43 @@ def ext_dir(h: str) -> str:
     return os.path.join(base, f"ext-{h}")
 
 
+# JIT builds kept in the cache directory: every source change is a new `ext-<hash>` (~4 MB), so
+# after each load the least recently used beyond this many, untouched for an hour, are removed.
+KEEP_BUILDS = 4
+_BUILD_NAME = re.compile(r"ext-[0-9a-f]{16}")
+
+
+def prune_builds(current: str, keep: int = KEEP_BUILDS, min_age_s: float = 3600.0) -> list[str]:
+    """Remove old JIT build directories next to `current` (the one in use, never removed).
+
+    Keeps the `keep` most recently used (`current` counts; use = mtime, refreshed on every load)
+    and anything used in the last `min_age_s` seconds (another process may be building it).
+    Only directories named like ours (`ext-` + 16 hex digits) are considered. Returns the removed.
+    """
+    base = os.path.dirname(current)
+    try:
+        names = [n for n in os.listdir(base) if _BUILD_NAME.fullmatch(n)]
+    except OSError:
+        return []
+    dirs = sorted((os.path.join(base, n) for n in names), key=lambda d: os.path.getmtime(d), reverse=True)
+    now = time.time()
+    removed = []
+    for d in dirs[max(keep, 1):]:
+        if os.path.abspath(d) == os.path.abspath(current) or now - os.path.getmtime(d) < min_age_s:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _mark_used(build_dir: str) -> None:
+    try:
+        os.utime(build_dir)
+        prune_builds(build_dir)
+    except OSError:
+        pass  # a read-only cache still works; it just is not pruned
+
+
 def _prebuilt() -> str | None:
     """Path of an up-to-date `gptfast._C` (built by setup.py), or None (absent or stale).
 
@@ -141,6 +181,7 @@ def _jit_build() -> str:
     if os.path.isfile(lib):  # cached: skip ninja (and the need for a compiler) entirely
         try:
             torch.ops.load_library(lib)
+            _mark_used(build_dir)
             return lib
         except OSError:
             pass  # a half-written library from an interrupted build: rebuild below
@@ -168,6 +209,7 @@ def _jit_build() -> str:
         # Another process held the build lock and its build failed (or it was killed): cpp_extension
         # then only reports "Could not load this library". Build once ourselves for the real error.
         build()
+    _mark_used(build_dir)
     return lib
 
 
