@@ -121,7 +121,6 @@ def test_weight_only_bf16_equals_reference_on_rounded_weights(preset, overrides,
         assert row == want[0, len(p):].tolist(), _first_diff(torch.tensor([row]), want[:, len(p):])
 
 
-@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / META_NAME).exists(), reason="no shipped shakespeare_char model yet")
 def test_weight_only_bf16_accuracy_on_the_shipped_model(shakespeare_path):
     """bf16 weights cost the shipped model < 0.5 % validation perplexity (measured: 4.6114 -> 4.6113
     on the first 20k characters of the validation split, i.e. nothing beyond noise)."""

@@ -89,11 +89,9 @@ void gelu_bwd_rows_f64(const double* pre, double* dh, double* h, double* db_acc,
 // bf16w: gelu_mlp_infer also takes bfloat16 weights with float32 x (weight-only bf16, fp32 math).
 void check_2d(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op, bool bf16w = false) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  if (bf16w && x.scalar_type() == at::kFloat && t.scalar_type() == at::kBFloat16) {
-  } else {
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
-                bf16w ? " (or bfloat16 with float32 x)" : "", ", got ", t.scalar_type());
-  }
+  const bool bf16_ok = bf16w && x.scalar_type() == at::kFloat && t.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16_ok || t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              bf16w ? " (or bfloat16 with float32 x)" : "", ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
@@ -130,9 +128,9 @@ void check_weights(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor
 // Few rows, fp32, weights with unit inner stride (nn.Linear's own; a transposed view would need a
 // copy of the weight, so those keep the addmm path): see the header comment.
 static std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_skinny(const at::Tensor& x_, const at::Tensor& w_fc,
-                                                       const c10::optional<at::Tensor>& b_fc,
-                                                       const at::Tensor& w_proj,
-                                                       const c10::optional<at::Tensor>& b_proj) {
+                                                              const c10::optional<at::Tensor>& b_fc,
+                                                              const at::Tensor& w_proj,
+                                                              const c10::optional<at::Tensor>& b_proj) {
   const at::Tensor x = x_.contiguous();  // (M, C): a few KB
   const int64_t M = x.size(0), C = x.size(1), F = w_fc.size(0), C_out = w_proj.size(0);
   at::Tensor pre = at::empty({M, F}, x.options());

@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -220,22 +221,33 @@ at::Tensor rows_unit_stride(const at::Tensor& t) {
 
 }  // namespace
 
-void skinny_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* out,
-                       int64_t M, int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& epilogue) {
+namespace {
+
+// Parallel over the N weight rows (see the header comment); W picks the multi-versioned range kernel.
+template <typename W>
+void skinny_parallel(const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* out, int64_t M,
+                     int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& epilogue) {
   if (M <= 0 || N <= 0) return;
   at::parallel_for(0, N, grain_rows(M, K), [&](int64_t n0, int64_t n1) {
-    skinny_range_f32(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+    if constexpr (std::is_same_v<W, float>) {
+      skinny_range_f32(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+    } else {
+      skinny_range_bf16w(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+    }
     if (epilogue) epilogue(n0, n1);
   });
 }
 
+}  // namespace
+
+void skinny_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* out,
+                       int64_t M, int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& epilogue) {
+  skinny_parallel(x, ldx, w, ldw, bias, out, M, N, K, epilogue);
+}
+
 void skinny_linear_bf16w(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out,
                          int64_t M, int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& epilogue) {
-  if (M <= 0 || N <= 0) return;
-  at::parallel_for(0, N, grain_rows(M, K), [&](int64_t n0, int64_t n1) {
-    skinny_range_bf16w(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
-    if (epilogue) epilogue(n0, n1);
-  });
+  skinny_parallel(x, ldx, w, ldw, bias, out, M, N, K, epilogue);
 }
 
 at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias_) {
