@@ -77,13 +77,16 @@ def benchmark_generate(
     n_layer: int | None = None,
     compile: bool = False,
     variants: bool = True,
+    hf_static: bool | None = None,
 ) -> list[dict]:
     """Rows {op, mode, shape, backend, status, reason, tokens_per_s, ms_per_token, median_ms,
     speedup_vs_hf, gbps, pct_of_bound, pct_peak, batch, new_tokens, ...}, one per contestant per
     batch size, plus a `bound` row. `quick` cuts new tokens to 32 and the batch sizes to (1,).
     backends: engine op backends to time ('torch', 'native', 'auto', ...); one unavailable here
     gives a row with status 'unavailable' and the reason. variants: for an engine that runs the
-    fused native CPU step, also time it with the Python step and with weight-only bf16."""
+    fused native CPU step, also time it with the Python step and with weight-only bf16.
+    hf_static: also time Hugging Face with its static cache (rows get `speedup_vs_hf_static`);
+    default: on CUDA only (the GPU target is set against it)."""
     from gptfast import ops
     from gptfast.bench.timing import measure_peaks
     from gptfast.config import GPTConfig
@@ -194,6 +197,15 @@ def benchmark_generate(
                     t = _timed(lambda: hf.generate(prompt, max_new_tokens=new_tokens,
                                                    min_new_tokens=new_tokens, **kw), repeats)
                 row(B, "hf", seconds=t, reason="transformers GPT2LMHeadModel.generate(use_cache=True)")
+                if hf_static if hf_static is not None else torch.device(device).type == "cuda":
+                    # Hugging Face's fast path on GPU (the issue's GPU baseline): a preallocated cache
+                    kw_s = dict(kw, cache_implementation="static")
+                    with torch.inference_mode():
+                        hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw_s)
+                        t = _timed(lambda: hf.generate(prompt, max_new_tokens=new_tokens,
+                                                       min_new_tokens=new_tokens, **kw_s), repeats)
+                    row(B, "hf (static cache)", seconds=t,
+                        reason='transformers generate(use_cache=True, cache_implementation="static")')
                 del hf
             except ImportError as e:
                 row(B, "hf", status="unavailable", reason=f"transformers not installed ({e})")
@@ -214,25 +226,30 @@ def benchmark_generate(
             own = r.pop("own_step_bytes", step_bytes)  # bf16 weights: its own bytes per step
             r["gbps"] = own * new_tokens / t / 1e9  # bytes a decoding step must read x steps/s
             r["pct_of_bound"] = r["pct_peak"] = 100.0 * (own / read_bw) * new_tokens / t
-        hf_rows = [r for r in rows[start:] if r["backend"] == "hf" and r["status"] == "ok"]
-        if hf_rows:
-            for r in rows[start:]:
-                if r.get("tokens_per_s"):
-                    r["speedup_vs_hf"] = r["tokens_per_s"] / hf_rows[0]["tokens_per_s"]
+        for name, key in (("hf", "speedup_vs_hf"), ("hf (static cache)", "speedup_vs_hf_static")):
+            base = [r for r in rows[start:] if r["backend"] == name and r["status"] == "ok"]
+            if base:
+                for r in rows[start:]:
+                    if r.get("tokens_per_s"):
+                        r[key] = r["tokens_per_s"] / base[0]["tokens_per_s"]
         row(B, "bound", tokens_per_s=B / bound_step_s, ms_per_token=1e3 * bound_step_s,
             reason=f"read-only {peaks['read_gbps']:.1f} GB/s / {step_bytes / 1e6:.0f} MB per step")
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    """A plain-text table of `benchmark_generate` rows."""
-    head = f"{'shape':38s} {'backend':30s} {'tok/s':>8s} {'ms/tok':>8s} {'vs HF':>6s} {'% bound':>8s}  note"
+    """A plain-text table of `benchmark_generate` rows (a "vs HF static" column when timed)."""
+    static = any(r.get("speedup_vs_hf_static") is not None for r in rows)
+    head = (f"{'shape':38s} {'backend':30s} {'tok/s':>8s} {'ms/tok':>8s} {'vs HF':>6s} "
+            + (f"{'vs HF static':>12s} " if static else "") + f"{'% bound':>8s}  note")
     out = [head, "-" * len(head)]
     for r in rows:
         f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
         note = r.get("reason", "") if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
         out.append(f"{r['shape']:38s} {r['backend']:30s} {f('tokens_per_s', '8.1f')} "
-                   f"{f('ms_per_token', '8.2f')} {f('speedup_vs_hf', '6.2f')} {f('pct_of_bound', '8.1f')}  {note}")
+                   f"{f('ms_per_token', '8.2f')} {f('speedup_vs_hf', '6.2f')} "
+                   + (f"{f('speedup_vs_hf_static', '12.2f')} " if static else "")
+                   + f"{f('pct_of_bound', '8.1f')}  {note}")
     return "\n".join(out)
 
 

@@ -417,6 +417,17 @@ def test_benchmark_generate_rows_schema():
     assert "engine[torch]" in format_rows(rows)
     assert "engine[torch]" in records.format_table(rows, "cpu", "generate")
 
+    # Hugging Face with its static cache (the GPU baseline; on by default on CUDA): a timed row, and
+    # every contestant gets its ratio to it
+    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
+                              include_reference=False, quick=True, threads=None, hf_static=True, variants=False)
+    by = {r["backend"]: r for r in rows}
+    assert by["hf (static cache)"]["status"] == "ok" and by["hf (static cache)"]["speedup_vs_hf_static"] == 1.0
+    assert by["engine[torch]"]["speedup_vs_hf_static"] == pytest.approx(
+        by["engine[torch]"]["tokens_per_s"] / by["hf (static cache)"]["tokens_per_s"])
+    assert "vs HF static" in format_rows(rows)
+    assert "vs HF static" not in format_rows([{k: v for k, v in r.items() if k != "speedup_vs_hf_static"} for r in rows])
+
     # native on CPU fp32: also its Python step and weight-only bf16, each a timed row
     rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=6, backends=("native",),
                               include_hf=False, include_reference=False, quick=True, threads=None)
