@@ -78,6 +78,7 @@ def benchmark_generate(
     compile: bool = False,
     variants: bool = True,
     hf_static: bool | None = None,
+    compiled_too: bool | None = None,
 ) -> list[dict]:
     """Rows {op, mode, shape, backend, status, reason, tokens_per_s, ms_per_token, median_ms,
     speedup_vs_hf, gbps, pct_of_bound, pct_peak, batch, new_tokens, ...}, one per contestant per
@@ -86,7 +87,8 @@ def benchmark_generate(
     gives a row with status 'unavailable' and the reason. variants: for an engine that runs the
     fused native CPU step, also time it with the Python step and with weight-only bf16.
     hf_static: also time Hugging Face with its static cache (rows get `speedup_vs_hf_static`);
-    default: on CUDA only (the GPU target is set against it)."""
+    default: on CUDA only (the GPU target is set against it). compiled_too: also time each engine
+    with its decode step compiled (`compile=True`; CUDA graphs on CUDA); default: on CUDA only."""
     from gptfast import ops
     from gptfast.bench.timing import measure_peaks
     from gptfast.config import GPTConfig
@@ -182,6 +184,15 @@ def benchmark_generate(
                     weight_copy_mb=stats.get("weight_copy_bytes", 0) / 1e6)
                 if variants and stats.get("decode_step") == "native fused":
                     _native_variants(B, be, kw, t)
+                if not compile and (compiled_too if compiled_too is not None else torch.device(device).type == "cuda"):
+                    # the decode step under torch.compile (CUDA: CUDA graphs, mode="reduce-overhead")
+                    kwc = dict(kw, compile=True)
+                    generate(model, prompt, 4, **kwc)
+                    generate(model, prompt, 4, **kwc)  # CUDA graphs record on a later call than the compile
+                    t = _timed(lambda: generate(model, prompt, new_tokens, **kwc), repeats)
+                    row(B, f"engine[{be}] compiled", seconds=t, reason="ops: " + "+".join(names)
+                        + ", decode step torch.compile'd" + (" (CUDA graphs)" if torch.device(device).type == "cuda"
+                                                            else ""))
             except ops.BackendUnavailableError as e:
                 row(B, f"engine[{be}]", status="unavailable", reason=str(e).splitlines()[0])
         if include_hf:

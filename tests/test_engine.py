@@ -390,6 +390,19 @@ def test_bad_arguments(tiny):
 
 
 @pytest.mark.slow
+def test_benchmark_generate_compiled_row():
+    """The compiled-engine contestant (on by default on CUDA) runs and is timed; on CPU it is
+    inductor, slow to compile, hence `slow`."""
+    from gptfast.bench_generate import benchmark_generate
+
+    rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=6, backends=("torch",),
+                              include_hf=False, include_reference=False, quick=True, threads=None,
+                              compiled_too=True)
+    by = {r["backend"]: r for r in rows}
+    assert by["engine[torch] compiled"]["status"] == "ok" and by["engine[torch] compiled"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
 def test_compiled_decode_step_matches_eager(tiny):
     """torch.compile of decode_one_token on CPU (inductor) gives the eager tokens."""
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
