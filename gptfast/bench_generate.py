@@ -158,7 +158,7 @@ def benchmark_generate(
         b16 = row(B, f"engine[{be}] bf16 weights", seconds=t, weight_copy_mb=stats.get("weight_copy_bytes", 0) / 1e6,
                   reason=f"matrices bf16, fp32 math; greedy = fp32 engine for the first {same}/{new_tokens} "
                          f"tokens (min over rows)")
-        b16["own_step_bytes"] = weight_bytes / 2 + B * 2 * cfg.n_layer * cfg.n_embd * (prompt_len + new_tokens / 2) * esize
+        b16["own_step_bytes"] = step_bytes - weight_bytes / 2  # the same K/V bytes, half the weight bytes
 
     for B in batch_sizes:
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g).to(device)

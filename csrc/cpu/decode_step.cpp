@@ -48,11 +48,15 @@ void check_matrix(const c10::optional<at::Tensor>& t, int64_t layer, int slot, i
               "), got ", t->sizes());
 }
 
-void check_vector(const c10::optional<at::Tensor>& t, const std::string& name, int64_t n) {
+// A vector parameter (LayerNorm weight / bias, a bias) or None. `layer` < 0: not a block's (ln_f).
+// The name is only formatted on failure (TORCH_CHECK evaluates its message lazily): this runs for
+// every block on every step.
+void check_vector(const c10::optional<at::Tensor>& t, int64_t layer, const char* name, int64_t n) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got device ", t->device());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, kOp, ": ", name, " must have shape (", n, "), got ", t->sizes());
+  auto where = [&] { return layer < 0 ? std::string(name) : "layer " + std::to_string(layer) + " " + name; };
+  TORCH_CHECK(t->device().is_cpu(), kOp, ": ", where(), " must be a CPU tensor, got device ", t->device());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", where(), " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, kOp, ": ", where(), " must have shape (", n, "), got ", t->sizes());
 }
 
 // K and V of every row (qkv (B, 3C) = [q | k | v], head h at h*D) into the caches (B, H, T_max, D),
@@ -127,26 +131,25 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   }
   for (int64_t l = 0; l < L; ++l) {
     auto at_ = [&](int slot) -> const c10::optional<at::Tensor> { return layers.get(l * kPerLayer + slot); };
-    const std::string pre = "layer " + std::to_string(l) + " ";
-    check_vector(at_(0), pre + kSlot[0], C);
-    check_vector(at_(1), pre + kSlot[1], C);
+    check_vector(at_(0), l, kSlot[0], C);
+    check_vector(at_(1), l, kSlot[1], C);
     check_matrix(at_(2), l, 2, 3 * C, C);
-    check_vector(at_(3), pre + kSlot[3], 3 * C);
+    check_vector(at_(3), l, kSlot[3], 3 * C);
     check_matrix(at_(4), l, 4, C, C);
-    check_vector(at_(5), pre + kSlot[5], C);
-    check_vector(at_(6), pre + kSlot[6], C);
-    check_vector(at_(7), pre + kSlot[7], C);
+    check_vector(at_(5), l, kSlot[5], C);
+    check_vector(at_(6), l, kSlot[6], C);
+    check_vector(at_(7), l, kSlot[7], C);
     check_matrix(at_(8), l, 8, -1, C);
     const int64_t F = at_(8)->size(0);
-    check_vector(at_(9), pre + kSlot[9], F);
+    check_vector(at_(9), l, kSlot[9], F);
     check_matrix(at_(10), l, 10, C, F);
-    check_vector(at_(11), pre + kSlot[11], C);
+    check_vector(at_(11), l, kSlot[11], C);
     TORCH_CHECK(at_(8)->scalar_type() == at_(10)->scalar_type(), kOp, ": layer ", l,
                 " w_fc and w_proj must have the same dtype, got ", at_(8)->scalar_type(), " and ",
                 at_(10)->scalar_type());
   }
-  check_vector(lnf_w, "lnf_w", C);
-  check_vector(lnf_b, "lnf_b", C);
+  check_vector(lnf_w, -1, "lnf_w", C);
+  check_vector(lnf_b, -1, "lnf_b", C);
   TORCH_CHECK(w_head.device().is_cpu() && w_head.dim() == 2 && w_head.size(1) == C &&
                   (w_head.scalar_type() == at::kFloat || w_head.scalar_type() == at::kBFloat16),
               kOp, ": w_head must be a float32 or bfloat16 CPU tensor of shape (V, ", C, "), got ",
