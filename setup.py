@@ -67,6 +67,9 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+TRANSFORMERS = "transformers>=5.23,<5.25"
+TRITON = "triton>=3.6,<3.10"
+
 setup(
     name="gptfast",
     version="0.1.0",
@@ -86,14 +89,18 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        # Tested ranges (both ends run: the newest in the default test run, the oldest by the
+        # slow-marked tests/test_dependency_ends.py in a throwaway venv). Triton 3.6 is the GPU
+        # machines' version; its CPU interpreter needs numpy < 2.3.
+        "triton": [TRITON],
         "plot": ["matplotlib"],
         "test": [
             "pytest",
             "pytest-xdist",
             "hypothesis",
             "pytest-benchmark",
-            "transformers",
+            TRANSFORMERS,  # gptfast.patch mirrors GPT2Attention: 5.23 and 5.24 are checked
+            TRITON,  # the Triton kernels run under TRITON_INTERPRET=1 on CPU in the default run
             "matplotlib",
             "ninja",
         ],

@@ -27,8 +27,10 @@ What runs where:
   batches) gives the same output as the unpatched model. The LM head and the `labels=` loss are
   not touched.
 
-Version guard: the patch mirrors transformers 5's GPT2Attention (tested with 5.23). Another major
-version, or a GPT2Attention.forward whose signature differs from the one tested, raises
+Version guard: the patch mirrors transformers 5's GPT2Attention; tested with 5.23 and 5.24
+(`SUPPORTED_TRANSFORMERS`). 5.24 renamed the attention's cache argument from `past_key_values` to
+`cache`: the patch reads the name from the signature and maps it (`_CACHE_ARGS`). Another major
+version, or a GPT2Attention.forward whose signature differs in any other way, raises
 `RuntimeError` at `patch()` time instead of risking a silently wrong answer.
 """
 
@@ -45,13 +47,26 @@ import torch.nn as nn
 
 from gptfast import ops
 
-TESTED_TRANSFORMERS = "5.23"
+SUPPORTED_TRANSFORMERS = ("5.23", "5.24")  # the releases the test suite runs against (see setup.py)
+TESTED_TRANSFORMERS = " and ".join(SUPPORTED_TRANSFORMERS)
 _SUPPORTED_MAJOR = 5
-# GPT2Attention.forward's parameters in transformers 5 (the ones our forward re-implements).
+# GPT2Attention.forward's parameters in transformers 5 (the ones our forward re-implements); the
+# third is the KV cache, whose name changed: "past_key_values" up to 5.23, "cache" from 5.24.
+_CACHE_ARGS = ("past_key_values", "cache")
 _ATTN_PARAMS = (
-    "self", "hidden_states", "past_key_values", "attention_mask", "encoder_hidden_states",
+    "self", "hidden_states", "<cache>", "attention_mask", "encoder_hidden_states",
     "encoder_attention_mask", "output_attentions", "kwargs",
 )
+
+
+def _cache_arg_name(params: tuple[str, ...]) -> str | None:
+    """The name of GPT2Attention.forward's cache parameter, or None if `params` is not a signature
+    this patch understands (same parameters in the same order, the cache under a known name)."""
+    if len(params) != len(_ATTN_PARAMS) or params[2] not in _CACHE_ARGS:
+        return None
+    if any(p != want for i, (p, want) in enumerate(zip(params, _ATTN_PARAMS)) if i != 2):
+        return None
+    return params[2]
 _MLP_PARAMS = ("self", "hidden_states")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 _FAST_ATTN_IMPLS = ("eager", "sdpa")
@@ -66,7 +81,8 @@ _PATCH_ATTR = "_gptfast_patch"  # on each patched module: {"kind", "saved_forwar
 
 
 def _gpt2_module():
-    """transformers' modeling_gpt2, after checking it is a version this patch was written for."""
+    """(transformers' modeling_gpt2, the attention's cache argument name), after checking it is a
+    version this patch was written for."""
     try:
         import transformers
         from transformers.models.gpt2 import modeling_gpt2
@@ -86,17 +102,19 @@ def _gpt2_module():
             f"got {version}: its GPT-2 internals differ, so patching could give wrong answers"
         )
     got = tuple(inspect.signature(modeling_gpt2.GPT2Attention.forward).parameters)
-    if got != _ATTN_PARAMS:
+    cache_arg = _cache_arg_name(got)
+    if cache_arg is None:
+        want = tuple(" | ".join(_CACHE_ARGS) if p == "<cache>" else p for p in _ATTN_PARAMS)
         raise RuntimeError(
             f"gptfast.patch: transformers {version} GPT2Attention.forward takes {got}, but the patch "
-            f"was written for {_ATTN_PARAMS} (transformers {TESTED_TRANSFORMERS}); refusing to patch"
+            f"was written for {want} (transformers {TESTED_TRANSFORMERS}); refusing to patch"
         )
     got = tuple(inspect.signature(modeling_gpt2.GPT2MLP.forward).parameters)
     if got != _MLP_PARAMS:
         raise RuntimeError(
             f"gptfast.patch: transformers {version} GPT2MLP.forward takes {got}, expected {_MLP_PARAMS}"
         )
-    return modeling_gpt2
+    return modeling_gpt2, cache_arg
 
 
 def _recording_attentions() -> bool:
@@ -169,7 +187,22 @@ def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.dropout(y)
 
 
-def _attention_forward(
+def _attention_forward_cache(
+    self,
+    hidden_states: torch.Tensor,
+    cache=None,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    output_attentions: bool | None = False,
+    **kwargs,
+):
+    """GPT2Attention.forward's signature from transformers 5.24 (the KV cache is `cache`)."""
+    return _attention_forward(self, "cache", hidden_states, cache, attention_mask, encoder_hidden_states,
+                              encoder_attention_mask, output_attentions, kwargs)
+
+
+def _attention_forward_past_key_values(
     self,
     hidden_states: torch.Tensor,
     past_key_values=None,
@@ -179,23 +212,38 @@ def _attention_forward(
     output_attentions: bool | None = False,
     **kwargs,
 ):
-    """GPT2Attention.forward (transformers 5) with the plain causal case on `ops.causal_attention`."""
+    """GPT2Attention.forward's signature up to transformers 5.23 (the KV cache is `past_key_values`)."""
+    return _attention_forward(self, "past_key_values", hidden_states, past_key_values, attention_mask,
+                              encoder_hidden_states, encoder_attention_mask, output_attentions, kwargs)
+
+
+# The patched forward for each name of the cache parameter (see _CACHE_ARGS).
+_ATTENTION_FORWARDS = {
+    "cache": _attention_forward_cache,
+    "past_key_values": _attention_forward_past_key_values,
+}
+
+
+def _attention_forward(self, cache_arg, hidden_states, cache, attention_mask, encoder_hidden_states,
+                       encoder_attention_mask, output_attentions, kwargs):
+    """GPT2Attention.forward (transformers 5) with the plain causal case on `ops.causal_attention`;
+    `cache` arrived under the installed version's name `cache_arg` and goes back under it."""
     state = getattr(self, _PATCH_ATTR)
-    if not _fast_path_ok(self, state, hidden_states, past_key_values, attention_mask,
+    if not _fast_path_ok(self, state, hidden_states, cache, attention_mask,
                          encoder_hidden_states, output_attentions, kwargs):
         return _original(self)(
-            hidden_states, past_key_values=past_key_values, attention_mask=attention_mask,
+            hidden_states, attention_mask=attention_mask,
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-            output_attentions=output_attentions, **kwargs,
+            output_attentions=output_attentions, **{cache_arg: cache}, **kwargs,
         )
     B, T, C = hidden_states.shape
     q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)  # each (B, T, C)
     q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
     k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
     v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
-    if past_key_values is not None:
+    if cache is not None:
         # A prefill: the layer's cache is empty (checked), so update() stores k, v and returns them.
-        k, v = past_key_values.update(k, v, self.layer_idx)
+        k, v = cache.update(k, v, self.layer_idx)
         if k.shape[-2] != T:  # cannot happen with an empty DynamicCache; never compute a wrong answer
             raise RuntimeError(
                 f"gptfast.patch: layer {self.layer_idx}'s KV cache returned {k.shape[-2]} keys for a "
@@ -209,7 +257,7 @@ def _attention_forward(
     return y, None  # no attention weights (the original with sdpa returns None as well)
 
 
-def _fast_path_ok(self, state, hidden_states, past_key_values, attention_mask, encoder_hidden_states,
+def _fast_path_ok(self, state, hidden_states, cache, attention_mask, encoder_hidden_states,
                   output_attentions, kwargs) -> bool:
     if encoder_hidden_states is not None or self.is_cross_attention or output_attentions:
         return False
@@ -221,12 +269,12 @@ def _fast_path_ok(self, state, hidden_states, past_key_values, attention_mask, e
         return False
     if hidden_states.dim() != 3:
         return False
-    if past_key_values is not None:
+    if cache is not None:
         from transformers.cache_utils import DynamicCache
 
         # Only an empty plain DynamicCache layer: static / quantized / offloaded caches return
         # more than the new keys, and a filled cache makes this a decode step (not T x T causal).
-        if type(past_key_values) is not DynamicCache or past_key_values.get_seq_length(self.layer_idx) != 0:
+        if type(cache) is not DynamicCache or cache.get_seq_length(self.layer_idx) != 0:
             return False
     if _recording_attentions():
         return False
@@ -261,7 +309,7 @@ def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
     Raises `RuntimeError` for a transformers version this patch was not written for, `TypeError`
     for a model without GPT-2 blocks.
     """
-    mg = _gpt2_module()
+    mg, cache_arg = _gpt2_module()
     if backend is not None:
         ops.requested_backend(backend)  # validates the name now, not at the first forward
     if not isinstance(model, nn.Module):
@@ -284,7 +332,7 @@ def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
     for ln in layer_norms:
         _bind(ln, "layer_norm", _layer_norm_forward, backend)
     for block in blocks:
-        _bind(block.attn, "attention", _attention_forward, backend, mask_memo=memo)
+        _bind(block.attn, "attention", _ATTENTION_FORWARDS[cache_arg], backend, mask_memo=memo)
         act = block.attn.config.activation_function
         if act in _TANH_GELUS:
             _bind(block.mlp, "mlp", _mlp_forward, backend)
@@ -311,4 +359,4 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["TESTED_TRANSFORMERS", "is_patched", "patch", "unpatch"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "is_patched", "patch", "unpatch"]

@@ -228,13 +228,13 @@ def test_bench_plot_from_saved_json(tmp_path):
     assert (tmp_path / (json_path.stem + "-attention-scaling.png")).exists()
 
 
-def test_generate_suite_not_available_row(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "find_benchmark_generate", lambda: (None, "gptfast.engine missing"))
-    assert main(["bench", "generate", "--out", str(tmp_path), "--no-plot"]) == 0
-    out = capsys.readouterr().out
-    assert "unavailable: not available: gptfast.engine missing" in out
-    (row,) = _check_history_schema(tmp_path / "history.jsonl")
-    assert row["suite"] == "generate" and row["status"] == "unavailable"
+def test_generate_suite_import_error_is_not_swallowed(tmp_path, monkeypatch):
+    # A broken gptfast.bench_generate is a bug: it must surface, not become a "not available" row.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gptfast.bench_generate", None)  # import raises ImportError
+    with pytest.raises(ImportError):
+        main(["bench", "generate", "--out", str(tmp_path), "--no-plot"])
 
 
 def test_generate_suite_uses_benchmark_generate(tmp_path, capsys, monkeypatch):
@@ -245,7 +245,7 @@ def test_generate_suite_uses_benchmark_generate(tmp_path, capsys, monkeypatch):
         return [dict(op="generate", shape="gpt2 B1 128 tok", backend=b, median_ms=m, p20_ms=m, p80_ms=m,
                      tokens_per_s=128 / (m * 1e-3)) for b, m in (("torch", 100.0), ("native", 50.0))]
 
-    monkeypatch.setattr(runner, "find_benchmark_generate", lambda: (benchmark_generate, None))
+    monkeypatch.setattr(runner, "find_benchmark_generate", lambda: benchmark_generate)
     assert main(["bench", "generate", "--quick", "--backends", "torch,native", "--out", str(tmp_path),
                  "--no-plot"]) == 0
     assert seen == dict(device="cpu", quick=True, backends=["torch", "native"])

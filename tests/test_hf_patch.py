@@ -9,6 +9,7 @@ causal-only op cannot (padding, a filled KV cache), and `unpatch` must restore e
 from __future__ import annotations
 
 import inspect
+from types import MethodType
 import warnings
 
 import pytest
@@ -246,6 +247,36 @@ def test_version_guard_major(monkeypatch):
         gptfast.patch(make_hf())
 
 
+@pytest.mark.parametrize("cache_arg", ["past_key_values", "cache"])
+def test_cache_argument_mapped_by_name(monkeypatch, cache_arg):
+    """transformers 5.24 renamed GPT2Attention.forward's `past_key_values` to `cache`: whichever name
+    the installed class uses, the patched attention takes the cache under that name (by keyword and
+    positionally) and hands it back under that name when it falls back to the original."""
+    seen = {}
+
+    def original(self, hidden_states, *args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        return hidden_states, None
+
+    params = ["self", "hidden_states", cache_arg, "attention_mask", "encoder_hidden_states",
+              "encoder_attention_mask", "output_attentions", "kwargs"]
+    assert hf_patch._cache_arg_name(tuple(params)) == cache_arg
+    model = make_hf()
+    gptfast.patch(model)
+    attn = model.transformer.h[0].attn
+    # What the class would have been for this version: the fallback must call it with `cache_arg`.
+    monkeypatch.setitem(attn.__dict__["_gptfast_patch"], "saved_forward", MethodType(original, attn))
+    x = torch.randn(1, 3, model.config.n_embd)
+    marker = object()  # not a DynamicCache: forces the fallback path
+    patched = hf_patch._ATTENTION_FORWARDS[cache_arg]
+    patched(attn, x, **{cache_arg: marker})
+    assert seen["kwargs"][cache_arg] is marker and seen["args"] == ()
+    patched(attn, x, marker)  # positionally (third parameter)
+    assert seen["kwargs"][cache_arg] is marker
+    other = "cache" if cache_arg == "past_key_values" else "past_key_values"
+    assert other not in seen["kwargs"]
+
+
 def test_version_guard_signature(monkeypatch):
     def forward(self, hidden_states, layer_past=None, attention_mask=None, head_mask=None, **kwargs):
         raise AssertionError("never called")
@@ -257,7 +288,12 @@ def test_version_guard_signature(monkeypatch):
 
 def test_tested_signature_is_current():
     # The guard's expectation is what this transformers really has (else every patch would raise).
-    assert tuple(inspect.signature(modeling_gpt2.GPT2Attention.forward).parameters) == hf_patch._ATTN_PARAMS
+    import transformers
+
+    params = tuple(inspect.signature(modeling_gpt2.GPT2Attention.forward).parameters)
+    assert hf_patch._cache_arg_name(params) is not None, params
+    # The installed release is one the patch claims (setup.py's test extra bounds it to these).
+    assert ".".join(transformers.__version__.split(".")[:2]) in hf_patch.SUPPORTED_TRANSFORMERS
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gptfast.patch(make_hf())

@@ -511,7 +511,7 @@ def hf_guide_perplexity(hf, input_ids, max_length, stride):
 
 @pytest.mark.parametrize("max_length, stride", [(64, 64), (64, 16), (48, 20), (33, 11)])
 def test_sliding_window_perplexity_matches_hf_guide(hf_model, hf_dir, max_length, stride):
-    perplexity = pytest.importorskip("gptfast.perplexity")
+    from gptfast import perplexity
     model = from_pretrained(hf_dir)
     ids = torch.randint(0, 300, (1, 301), generator=torch.Generator().manual_seed(16))
     want_ppl, want_n = hf_guide_perplexity(hf_model, ids, max_length, stride)

@@ -246,34 +246,17 @@ def suite_ops(args, meta: dict) -> tuple[list[dict], list[dict], dict]:
 
 
 def find_benchmark_generate():
-    """(benchmark_generate, None) from gptfast.engine or gptfast.bench_generate, or (None, why)."""
-    import importlib
+    """gptfast.bench_generate.benchmark_generate. Imported, not looked up by reflection: a module
+    that fails to import is a bug and raises here with its traceback, never a silent "not available"."""
+    from gptfast.bench_generate import benchmark_generate
 
-    reasons = []
-    for mod in ("gptfast.engine", "gptfast.bench_generate"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of its imports is missing
-                reasons.append(f"{mod} cannot be imported ({e})")
-            continue
-        except Exception as e:  # noqa: BLE001 - a half-written module must not break `bench all`
-            reasons.append(f"{mod} failed to import ({_first_line(e)})")
-            continue
-        fn = getattr(m, "benchmark_generate", None)
-        if callable(fn):
-            return fn, None
-        reasons.append(f"{mod} has no benchmark_generate")
-    return None, "; ".join(reasons) or "neither gptfast.engine nor gptfast.bench_generate exists yet"
+    return benchmark_generate
 
 
 def suite_generate(args, meta: dict) -> tuple[list[dict], list[dict], dict | None]:
     """Rows of `benchmark_generate(...)` (tokens/s vs Hugging Face and the bandwidth bound), with
-    only the keyword arguments its signature accepts; one "not available" row if it is missing."""
-    fn, reason = find_benchmark_generate()
-    if fn is None:
-        return [new_row("generate", op="generate", backend="-", status="unavailable",
-                        reason=f"not available: {reason}")], [], None
+    only the keyword arguments its signature accepts."""
+    fn = find_benchmark_generate()
     offered = dict(device=args.device, dtype=args.dtype, backends=list(args.backends), quick=args.quick,
                    threads=args.threads, repeats=getattr(args, "generate_repeats", args.repeats), seed=args.seed)
     params = inspect.signature(fn).parameters

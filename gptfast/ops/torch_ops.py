@@ -35,6 +35,12 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
     q_pos = lens - Tq + torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
     k_pos = torch.arange(T_max, device=q.device).view(1, 1, 1, T_max)
     mask = k_pos <= q_pos  # (B, 1, Tq, T_max), True = attend
+    # The cache past each row's length is unwritten memory (garbage, possibly NaN / inf). A masked
+    # score still multiplies its value row by 0 inside SDPA, and 0 * NaN = NaN: zero both caches
+    # there first, as the reference and native never read them.
+    valid = (k_pos < lens).view(B, 1, T_max, 1)  # (B, 1, T_max, 1)
+    k_cache = torch.where(valid, k_cache, 0)
+    v_cache = torch.where(valid, v_cache, 0)
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale)
 
 
