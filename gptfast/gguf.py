@@ -186,7 +186,10 @@ def _gpt2_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
         tokens.append(f"[PAD{i}]")
         types.append(int(gguf.TokenType.UNUSED))
     lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
-    merges = [ln for ln in lines[1:] if ln and not ln.startswith("#")]  # line 0: "#version: 0.2"
+    # Line 0 is the "#version: 0.2" header; merges may start with "#" themselves ("# #", "#  #", ...).
+    merges = [ln for ln in lines[1:] if ln]
+    if len(merges) != GPT2_VOCAB_SIZE - 256 - 1:  # pragma: no cover - hash-checked above
+        raise ValueError(f"{vocab_bpe}: expected {GPT2_VOCAB_SIZE - 257} merges, got {len(merges)}")
     return tokens, types, merges
 
 
