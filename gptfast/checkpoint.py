@@ -1,20 +1,31 @@
-"""Checkpoints: a directory holding safetensors weights, a JSON description and (for training)
-the optimizer / RNG state.
+"""Checkpoints: a directory holding safetensors weights, a JSON manifest and (for training)
+the optimizer / RNG state and eval history.
 
-    <dir>/model.safetensors   weights (the tied LM head is stored once, as transformer.wte.weight)
-    <dir>/gptfast.json        {"format", "config", "tokenizer", "files": {name: sha256}, step, losses, ...}
-    <dir>/train_state.pt      optional: optimizer state, iteration, sampler / dropout RNG states
-    <dir>/history.json        optional: eval history written by `gptfast train`
+    <dir>/gptfast.json                 manifest: {"format", "config", "tokenizer", "layout", "files":
+                                       {name: sha256}, step, losses, ...}; written last
+    <dir>/model-<step>.safetensors     weights (the tied LM head is stored once, as transformer.wte.weight)
+    <dir>/train_state-<step>.pt        optional: optimizer state, iteration, sampler / dropout RNG states
+    <dir>/history-<step>.json          optional: eval history written by `gptfast train`
+
+The directory is the user's: a save writes only these files and removes only the files of the
+checkpoint it replaces (named by the previous manifest). It never creates temporary directories,
+never renames, deletes or re-permissions the directory or anything else in it, so other files,
+subdirectories, the directory's mode and a mount point are all left as they are.
+
+Crash safety: every file is written under a temporary name in the same directory, fsynced and
+renamed to a fresh name (the step in the name, never an existing file); the manifest, recording
+each file's sha256, is written the same way and renamed over the old manifest last. A reader
+therefore sees the old manifest with its old files or the new one with its new files, never a
+mix; a kill at any moment leaves a loadable checkpoint. The files of a save that was interrupted
+are listed in a journal (`.gptfast-pending.json`) and removed by the next save. The sha256s are
+checked on load, so a truncated or corrupted file gives a clear error instead of garbage weights.
+
+The previous format (fixed names model.safetensors / train_state.pt / history.json, the
+directory swapped as a whole) is still read, and a save into such a directory replaces its files.
 
 Safety: loading never unpickles arbitrary objects -- weights come from safetensors and the train
-state from `torch.load(weights_only=True)` (tensors, dicts, lists and plain scalars only).
-
-Atomicity: `save_checkpoint` writes the complete new checkpoint into a temporary directory beside
-the target and then swaps it in with two renames (target -> backup, temp -> target) before the
-backup is deleted. A crash at any moment leaves either the old or the new checkpoint complete:
-the only window where `<dir>` itself is missing is between the two renames, and loading then
-restores the backup (`_recover`). Integrity: the JSON records each file's sha256, checked on
-load, so a truncated or corrupted file gives a clear error instead of garbage weights.
+state from `torch.load(weights_only=True)` (tensors, dicts, lists and plain scalars only). The
+config is validated and compared with the weights file's header before a model is allocated.
 """
 
 from __future__ import annotations
@@ -23,15 +34,16 @@ import glob
 import hashlib
 import json
 import os
-import shutil
+import re
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gptfast.config import GPTConfig
+from gptfast.errors import UserError
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer, Tokenizer, tokenizer_from_dict
 
@@ -39,15 +51,22 @@ from gptfast.tokenizers import CharTokenizer, Tokenizer, tokenizer_from_dict
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "shakespeare_char"
-WEIGHTS_NAME = "model.safetensors"
 META_NAME = "gptfast.json"
+# The previous format's fixed file names (still read; see `checkpoint_files`).
+WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
 FORMAT = "gptfast"
-_MANAGED = {WEIGHTS_NAME, META_NAME, TRAIN_STATE_NAME, HISTORY_NAME}
+FORMAT_VERSION = 2
+# role -> (name prefix, suffix) of the current format's files: model-<step>.safetensors, ...
+_ROLES = {"weights": ("model", ".safetensors"), "train_state": ("train_state", ".pt"),
+          "history": ("history", ".json")}
+_LEGACY_NAMES = {"weights": WEIGHTS_NAME, "train_state": TRAIN_STATE_NAME, "history": HISTORY_NAME}
+_TMP_PREFIX = ".gptfast-tmp-"
+_PENDING_NAME = ".gptfast-pending.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, truncated, corrupted or does not fit the request."""
 
 
@@ -90,12 +109,14 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _backup_paths(d: Path) -> list[str]:
+    """Backups left by the previous format's directory swap (`.NAME.old-*` beside `d`)."""
     return sorted(glob.glob(str(d.parent / f".{d.name}.old-*")))
 
 
 def _recover(d: Path) -> None:
-    """If a save was killed between its two renames, `d` is missing and its backup holds the
-    previous complete checkpoint: put it back."""
+    """Previous format only: if one of its saves was killed between its two directory renames,
+    `d` is missing and its backup holds the previous complete checkpoint: put it back. (The
+    current format never renames, creates or removes the directory itself.)"""
     if d.exists():
         return
     backups = _backup_paths(d)
@@ -110,6 +131,84 @@ def _state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
+def _safe_name(name: Any) -> bool:
+    """A plain file name inside the checkpoint directory (a manifest must not make us read or
+    delete anything outside it, nor the manifest itself)."""
+    return (isinstance(name, str) and name not in ("", ".", "..", META_NAME, _PENDING_NAME)
+            and os.path.basename(name) == name and "/" not in name and "\\" not in name)
+
+
+def checkpoint_files(info: dict[str, Any]) -> dict[str, str]:
+    """{role: file name} of a checkpoint's files, roles "weights", "train_state", "history".
+
+    The current format lists them in `info["layout"]`; the previous format used the fixed names
+    model.safetensors / train_state.pt / history.json."""
+    layout = info.get("layout")
+    if isinstance(layout, dict):
+        return {role: name for role, name in layout.items() if role in _ROLES and _safe_name(name)}
+    return dict(_LEGACY_NAMES)
+
+
+def checkpoint_path(directory: str | os.PathLike, role: str = "weights") -> Path:
+    """Path of one of a checkpoint's files ("weights", "train_state" or "history")."""
+    d = _checkpoint_dir(directory)
+    name = checkpoint_files(read_checkpoint_info(d)).get(role)
+    if name is None:
+        raise FileNotFoundError(f"checkpoint {d} has no {role} file")
+    return d / name
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _finish_interrupted_save(d: Path) -> None:
+    """A save killed before its manifest was committed leaves files that no manifest references;
+    one killed just after leaves the replaced checkpoint's files. Its journal
+    (`.gptfast-pending.json`, written before anything else) names both sets: remove exactly those
+    that the current manifest does not use, then the journal."""
+    journal = d / _PENDING_NAME
+    if not journal.exists():
+        return
+    pending = _read_json_or_none(journal)
+    info = _read_json_or_none(d / META_NAME)
+    live = set(checkpoint_files(info).values()) if isinstance(info, dict) else set()
+    if isinstance(pending, dict):
+        # "files": the interrupted save's new files; "old": the files of the checkpoint it was
+        # replacing (removed once its manifest is committed). Whichever set is not live goes.
+        for name in [*pending.get("files", []), *pending.get("old", [])]:
+            if _safe_name(name) and name not in live:
+                _unlink_quiet(d / name)
+        token = pending.get("token")
+        if isinstance(token, str) and token.isalnum():
+            for p in d.glob(f"{_TMP_PREFIX}{token}-*"):
+                _unlink_quiet(p)
+    # An unreadable journal was cut short while being written, before any other file existed.
+    _unlink_quiet(journal)
+    _fsync_dir(d)
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     model: GPT,
@@ -117,77 +216,117 @@ def save_checkpoint(
     *,
     train_state: dict[str, Any] | None = None,
     history: list[dict[str, Any]] | None = None,
-    keep_files: bool = True,
     _fail_after: str | None = None,
     **meta: Any,
 ) -> Path:
-    """Write a checkpoint directory atomically; returns the directory.
+    """Write a checkpoint into `directory`, crash-safely; returns the directory.
+
+    Only gptfast's own files are written: `model-<step>.safetensors`, `train_state-<step>.pt`,
+    `history-<step>.json` and the manifest `gptfast.json`. Anything else in the directory (a
+    user's files, subdirectories, its permissions, a mount point) is never touched.
+
+    Order (the manifest is the commit point): each new file is written under a temporary name in
+    the same directory, fsynced and renamed to a name no file has yet; the directory is fsynced;
+    the manifest (the sha256 of every file) is written the same way and renamed over the old one;
+    only then are the files of the replaced checkpoint removed. A crash at any moment leaves the
+    old manifest with its old, intact files or the new one with its new files; the files of an
+    interrupted save are named in a journal written first and removed by the next save.
 
     Args:
-        directory: target directory (created; an existing checkpoint there is replaced whole).
+        directory: target directory (created, with parents, if missing).
         model: a `GPT` (unwrap DDP first). Saved as safetensors, fp32/bf16 as the parameters are.
         tokenizer: stored as its `to_dict()` description.
         train_state: optional dict of tensors / plain Python values (optimizer state, RNG
-            states, iteration) written with `torch.save` to `train_state.pt`.
-        history: optional list of eval records written to `history.json`.
-        keep_files: copy other files already in `directory` (a plot, a log) into the new one.
+            states, iteration) written with `torch.save`.
+        history: optional list of eval records (JSON).
         **meta: JSON-serialisable metadata (step, train_loss, val_loss, ...).
     """
     from safetensors.torch import save_file
 
     d = Path(directory).absolute()
-    d.parent.mkdir(parents=True, exist_ok=True)
-    _recover(d)
     if d.exists() and not d.is_dir():
         raise CheckpointError(f"checkpoint target {d} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=d.parent))
+    d.mkdir(parents=True, exist_ok=True)
+    _finish_interrupted_save(d)
+    old_info = _read_json_or_none(d / META_NAME) if (d / META_NAME).exists() else None
+    old_files = set(checkpoint_files(old_info).values()) if isinstance(old_info, dict) else set()
+
+    writers: dict[str, Any] = {"weights": lambda p: save_file(_state_dict_for_save(model), str(p))}
+    if train_state is not None:
+        writers["train_state"] = lambda p: torch.save(train_state, p)
+    if history is not None:
+        writers["history"] = lambda p: p.write_text(json.dumps(history, indent=1))
+    step = meta.get("step")
+    tag = str(step) if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else "0"
+    for n in range(10_000):  # a name no file has: never overwrite, never collide with the live set
+        suffix = tag if n == 0 else f"{tag}-{n}"
+        layout = {role: f"{_ROLES[role][0]}-{suffix}{_ROLES[role][1]}" for role in writers}
+        if not any((d / name).exists() or name in old_files for name in layout.values()):
+            break
+    else:  # pragma: no cover
+        raise CheckpointError(f"cannot find a free file name for the checkpoint in {d}")
+    token = secrets.token_hex(6)
+    journal = d / _PENDING_NAME
+    created: list[Path] = []
+    committed = False
+    mode = 0o666 & ~_umask()
     try:
-        save_file(_state_dict_for_save(model), str(tmp / WEIGHTS_NAME))
-        files = [WEIGHTS_NAME]
-        if _fail_after == WEIGHTS_NAME:  # test hook: simulate a crash mid-write
-            raise RuntimeError("simulated failure while writing the checkpoint")
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE_NAME)
-            files.append(TRAIN_STATE_NAME)
-        if history is not None:
-            (tmp / HISTORY_NAME).write_text(json.dumps(history, indent=1))
-            files.append(HISTORY_NAME)
+        with open(journal, "w") as f:
+            json.dump({"token": token, "files": sorted(layout.values()), "old": sorted(old_files)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        created.append(journal)
+        _fsync_dir(d)
+        files: dict[str, str] = {}
+        for role, write in writers.items():
+            tmp = d / f"{_TMP_PREFIX}{token}-{layout[role]}"
+            created.append(tmp)
+            write(tmp)
+            if _fail_after == role:  # test hook: simulate a crash mid-save
+                raise RuntimeError(f"simulated failure after writing the {role}")
+            os.chmod(tmp, mode)  # safetensors writes 0600; our files get the usual 0666 - umask
+            _fsync_file(tmp)
+            files[layout[role]] = _sha256(tmp)
+            final = d / layout[role]
+            os.replace(tmp, final)
+            created.append(final)
+        _fsync_dir(d)  # the new files are on disk under their names before the manifest names them
         info = {
             "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "tokenizer": tokenizer.to_dict(),
             **meta,
-            "files": {name: _sha256(tmp / name) for name in files},
+            "layout": layout,
+            "files": files,
         }
         if "git_sha" not in info:
             info["git_sha"] = git_sha()
-        (tmp / META_NAME).write_text(json.dumps(info, indent=2))
-        if keep_files and d.is_dir():
-            for p in d.iterdir():
-                if p.is_file() and p.name not in _MANAGED:  # a stale train state must not survive
-                    shutil.copy2(p, tmp / p.name)
-        # mkdtemp makes the directory private (0700) and safetensors writes 0600: give the
-        # checkpoint the usual permissions (0777 / 0666 minus the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for p in tmp.iterdir():  # data on disk before the rename makes it visible
-            os.chmod(p, 0o666 & ~umask)
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        if _fail_after == "swap":
-            raise RuntimeError("simulated failure before the swap")
-        backup = None
-        if d.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{d.name}.old-", dir=d.parent))
-            os.replace(d, backup)  # renaming a directory onto an empty directory is allowed
-        os.replace(tmp, d)
-        _fsync_dir(d.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        tmp = d / f"{_TMP_PREFIX}{token}-{META_NAME}"
+        created.append(tmp)
+        tmp.write_text(json.dumps(info, indent=2))
+        try:  # keep the permissions a user gave the existing manifest
+            os.chmod(tmp, os.stat(d / META_NAME).st_mode & 0o7777)
+        except FileNotFoundError:
+            os.chmod(tmp, mode)
+        _fsync_file(tmp)
+        if _fail_after == "manifest":
+            raise RuntimeError("simulated failure before the manifest is committed")
+        os.replace(tmp, d / META_NAME)  # the commit point
+        committed = True
+        _fsync_dir(d)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not committed:
+            for p in reversed(created):
+                _unlink_quiet(p)
+            _fsync_dir(d)
         raise
+    # The replaced checkpoint's files: ours (its manifest named them), no longer referenced.
+    for name in old_files - set(layout.values()):
+        if (d / name).is_file():
+            _unlink_quiet(d / name)
+    _unlink_quiet(journal)
+    _fsync_dir(d)
     return d
 
 
@@ -213,10 +352,15 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"corrupted checkpoint: {meta_path} is not valid JSON ({e})") from None
     if not isinstance(info, dict) or "config" not in info or "tokenizer" not in info:
         raise CheckpointError(f"corrupted checkpoint: {meta_path} lacks 'config' / 'tokenizer'")
+    if not isinstance(info["config"], dict):
+        raise CheckpointError(f"corrupted checkpoint: {meta_path}: 'config' must be an object")
     return info
 
 
-def _verify_file(d: Path, name: str, info: dict[str, Any]) -> Path:
+def _verify_file(d: Path, role: str, info: dict[str, Any]) -> Path:
+    name = checkpoint_files(info).get(role)
+    if name is None:
+        raise FileNotFoundError(f"checkpoint {d} has no {role} file")
     p = d / name
     if not p.exists():
         raise FileNotFoundError(f"not a gptfast checkpoint: {p} is missing")
@@ -230,20 +374,23 @@ def _verify_file(d: Path, name: str, info: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, metadata) from a gptfast checkpoint directory (or its
-    model.safetensors). Raises `FileNotFoundError` / `CheckpointError` (a ValueError) on a
-    missing, truncated or corrupted checkpoint."""
+    """(model in eval mode, tokenizer, metadata) from a gptfast checkpoint directory (or a file
+    in it). Raises `FileNotFoundError` / `CheckpointError` (a ValueError) on a missing,
+    truncated, corrupted or implausible checkpoint -- checked before any memory is allocated."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = _checkpoint_dir(path)
     info = read_checkpoint_info(d)
-    weights_path = _verify_file(d, WEIGHTS_NAME, info)
+    meta_path = d / META_NAME
+    check_config_dict(info["config"], str(meta_path))
     try:
         config = GPTConfig.from_dict(info["config"])
         tokenizer = tokenizer_from_dict(info["tokenizer"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"corrupted checkpoint {d}: {e}") from None
+    weights_path = _verify_file(d, "weights", info)
+    check_weights_fit_config(weights_path, config, str(meta_path))
     model = GPT(config)
     try:
         state = load_file(str(weights_path), device=str(device))
@@ -267,7 +414,7 @@ def load_train_state(path: str | os.PathLike, map_location: str = "cpu") -> dict
     `weights_only=True`: no arbitrary objects are unpickled)."""
     d = _checkpoint_dir(path)
     info = read_checkpoint_info(d)
-    p = _verify_file(d, TRAIN_STATE_NAME, info)
+    p = _verify_file(d, "train_state", info)
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, unpickling refused, ...
@@ -275,6 +422,100 @@ def load_train_state(path: str | os.PathLike, map_location: str = "cpu") -> dict
     if not isinstance(state, dict):
         raise CheckpointError(f"corrupted checkpoint: {p} does not hold a dict")
     return state
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The eval history saved with a checkpoint (`[]` when it has none)."""
+    d = _checkpoint_dir(path)
+    info = read_checkpoint_info(d)
+    name = checkpoint_files(info).get("history")
+    if name is None or not (d / name).exists():
+        return []
+    p = _verify_file(d, "history", info)
+    history = _read_json_or_none(p)
+    if not isinstance(history, list):
+        raise CheckpointError(f"corrupted checkpoint: {p} does not hold a JSON list")
+    return history
+
+
+# ----------------------------------------------------------------------------- checks before allocating
+
+# Upper bounds far above any GPT-2 (gpt2-xl: 48 layers, 1600 wide, 50257 tokens, 1024 positions)
+# that still stop a typo from allocating terabytes.
+CONFIG_LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "vocab_size": 4_000_000,
+                 "block_size": 1_048_576, "n_inner": 262_144}
+REQUIRED_CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+
+
+def check_config_dict(config: Any, source: str) -> dict[str, Any]:
+    """Validate a checkpoint's config before anything is allocated: the required keys are
+    present (no silent defaults), sizes are positive integers within `CONFIG_LIMITS`.
+    Raises `CheckpointError` naming `source` and the field."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: 'config' must be a JSON object, got {type(config).__name__}")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{source}: config lacks required field(s) {', '.join(missing)}")
+    for key, limit in CONFIG_LIMITS.items():
+        v = config.get(key)
+        if v is None and key == "n_inner":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise CheckpointError(f"{source}: config field {key} must be a positive integer, got {v!r}")
+        if v > limit:
+            raise CheckpointError(f"{source}: config field {key} is {v:,}, above the sane limit {limit:,}")
+    return config
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header, without reading any tensor."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(100 * 2**20, p.stat().st_size - 8):
+                raise CheckpointError(f"corrupted checkpoint: {p} is not a safetensors file "
+                                      "(bad header length)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupted checkpoint: cannot read the header of {p} ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupted checkpoint: {p} has no safetensors header")
+    out = {}
+    for k, v in header.items():
+        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("shape"), list):
+            out[k] = tuple(int(x) for x in v["shape"])
+    return out
+
+
+def check_weights_fit_config(weights: str | os.PathLike | dict[str, tuple[int, ...]], config: Any,
+                             source: str) -> None:
+    """Refuse, before building a model, a config whose sizes disagree with the tensors in the
+    weights file: n_layer vs the transformer blocks present, vocab_size / n_embd vs the token
+    embedding, block_size vs the position embedding. Works for gptfast and Hugging Face names
+    (`transformer.h.0.` / `h.0.`, `wte.weight`, `wpe.weight`). Raises `CheckpointError` naming
+    the field, the value and what the file holds."""
+    shapes = weights if isinstance(weights, dict) else safetensors_shapes(weights)
+    where = "the weights" if isinstance(weights, dict) else str(weights)
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    layers = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
+    n_layer = get("n_layer")
+    if layers and n_layer is not None and n_layer != max(layers) + 1:
+        raise CheckpointError(f"{source}: n_layer is {n_layer:,} but {where} holds "
+                              f"{max(layers) + 1} transformer block(s)")
+    emb = {name: shape for k, shape in shapes.items() for name in ("wte", "wpe")
+           if (k == f"{name}.weight" or k.endswith(f".{name}.weight")) and len(shape) == 2}
+    checks = []
+    if "wte" in emb:
+        checks += [("vocab_size", emb["wte"][0], "rows of wte.weight"),
+                   ("n_embd", emb["wte"][1], "columns of wte.weight")]
+    if "wpe" in emb:
+        checks += [("block_size", emb["wpe"][0], "rows of wpe.weight")]
+    for field_name, got, what in checks:
+        want = get(field_name)
+        if want is not None and want != got:
+            raise CheckpointError(f"{source}: {field_name} is {want:,} but {where} has {got:,} {what}")
 
 
 def load_any(path: str | os.PathLike) -> tuple[GPT, Tokenizer]:

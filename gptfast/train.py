@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from gptfast import checkpoint as ckpt
 from gptfast.config import PRESETS, GPTConfig
+from gptfast.errors import InputFileError, OutDirError
 from gptfast.data import BatchSampler, encode_file, load_text, train_val_split
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
@@ -222,10 +223,34 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
 
 
 def read_history(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    p = Path(out_dir) / ckpt.HISTORY_NAME
-    if not p.exists():
-        raise FileNotFoundError(f"no eval history in {out_dir} (expected {p})")
-    return json.loads(p.read_text())
+    if not (Path(out_dir) / ckpt.META_NAME).exists():
+        raise InputFileError(f"no eval history in {out_dir} (no checkpoint {ckpt.META_NAME} there)")
+    history = ckpt.read_history(out_dir)
+    if not history:
+        raise InputFileError(f"no eval history in {out_dir} (its checkpoint has none)")
+    return history
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Fail before any training if `out_dir` cannot hold a checkpoint: it is a file, a parent is
+    a file, or it (or, when missing, the nearest existing parent) is not writable. Writability is
+    probed by creating and removing a file of ours (os.access is wrong for root / read-only
+    mounts). Creates nothing that stays."""
+    d = Path(out_dir).absolute()
+    if d.exists() and not d.is_dir():
+        raise OutDirError(f"--out-dir {out_dir}: exists and is not a directory")
+    probe_dir = d
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutDirError(f"--out-dir {out_dir}: {probe_dir} is a file, not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".gptfast-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        what = "" if probe_dir == d else f" (cannot create it in {probe_dir})"
+        raise OutDirError(f"--out-dir {out_dir}: not writable{what}: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -293,8 +318,8 @@ def _prepare(cfg: TrainConfig, device: torch.device):
             raise ValueError(f"--resume: the checkpoint's tokenizer is {info['tokenizer'].get('type')!r}, "
                              f"but --tokenizer {cfg.tokenizer} was given")
         resume_state = ckpt.load_train_state(out)
-        hp = out / ckpt.HISTORY_NAME
-        history = json.loads(hp.read_text()) if hp.exists() else []
+        resume_state["_meta"] = {k: info.get(k) for k in ("step", "train_loss", "val_loss")}
+        history = ckpt.read_history(out)
         model.train()
     else:
         preset_vocab = PRESETS[cfg.preset].get("vocab_size", GPTConfig.vocab_size)
@@ -336,6 +361,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # the native ops reject its mixed fp32/bf16 inputs: refuse instead of surprising.
         raise ValueError(f"--dtype bf16 (autocast) is supported on CUDA only, got --device {cfg.device}; "
                          "use --dtype fp32 on CPU")
+    check_out_dir(cfg.out_dir)  # before any data is read or any step is run
     model, tokenizer, train_ids, val_ids, resume_state, history = _prepare(cfg, device)
     if cfg.backend is not None:
         model.backend = cfg.backend
@@ -415,6 +441,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    if dist_info.master and resume_state is not None:
+        m = resume_state.get("_meta") or {}
+        losses_txt = ", ".join(f"{k.replace('_', ' ')} {m[k]:.4f}" for k in ("train_loss", "val_loss")
+                               if isinstance(m.get(k), (int, float)))
+        say(f"gptfast train: resumed from step {iter_num} of {cfg.out_dir}"
+            + (f" ({losses_txt})" if losses_txt else ""))
     if dist_info.master:
         say(f"gptfast train: {raw_model.num_params():,} parameters, {len(train_ids):,} train / "
             f"{len(val_ids):,} val tokens, {tokens_per_iter:,} tokens/iter, "

@@ -28,6 +28,14 @@ def _model(seed: int = 0, **kw) -> GPT:
     return GPT(GPTConfig.from_preset("tiny", **kw))
 
 
+def _tree(d: Path) -> dict[str, bytes | str | int]:
+    """Everything under `d` (recursively): file bytes, directory modes."""
+    out: dict[str, bytes | str | int] = {".": os.stat(d).st_mode}
+    for p in sorted(d.rglob("*")):
+        out[str(p.relative_to(d))] = p.read_bytes() if p.is_file() else os.stat(p).st_mode
+    return out
+
+
 def _assert_same_weights(a: GPT, b: GPT) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -47,20 +55,21 @@ def test_round_trip(tmp_path):
     assert not m2.training
     assert tok2 == tok
     assert info["step"] == 7 and info["val_loss"] == 1.25
-    assert set(info["files"]) == {ckpt.WEIGHTS_NAME, ckpt.TRAIN_STATE_NAME, ckpt.HISTORY_NAME}
+    assert set(info["files"]) == {"model-7.safetensors", "train_state-7.pt", "history-7.json"}
+    assert sorted(p.name for p in d.iterdir()) == sorted([*info["files"], ckpt.META_NAME])
     st = ckpt.load_train_state(d)
     assert st["iter_num"] == 7 and torch.equal(st["x"], torch.arange(5))
     assert st["nested"] == {"a": [1.5, None, "s"]}
     # The tied head is stored once.
     from safetensors.torch import load_file
 
-    assert "lm_head.weight" not in load_file(str(d / ckpt.WEIGHTS_NAME))
+    assert "lm_head.weight" not in load_file(str(ckpt.checkpoint_path(d)))
 
 
 def test_untied_round_trip(tmp_path):
     m = _model(tie_weights=False)
     d = ckpt.save_checkpoint(tmp_path / "c", m, ckpt.default_tokenizer())
-    m2, _, _ = ckpt.load_checkpoint(d / ckpt.WEIGHTS_NAME)  # a path to the weights file works too
+    m2, _, _ = ckpt.load_checkpoint(ckpt.checkpoint_path(d))  # a path to the weights file works too
     _assert_same_weights(m, m2)
 
 
@@ -72,18 +81,19 @@ def test_old_format_without_hashes_loads(tmp_path):
     ckpt.load_checkpoint(d)
 
 
-@pytest.mark.parametrize("fail_at", [ckpt.WEIGHTS_NAME, "swap"])
+@pytest.mark.parametrize("fail_at", ["weights", "train_state", "history", "manifest"])
 def test_failure_mid_write_keeps_old_checkpoint(tmp_path, fail_at):
+    """A save that fails at any stage leaves the directory byte for byte as it was: the old
+    checkpoint, the user's files, and nothing of the failed save (no temporary file, no journal)."""
     d = tmp_path / "c"
     old = _model(seed=1)
     ckpt.save_checkpoint(d, old, ckpt.default_tokenizer(), train_state={"iter_num": 1}, step=1)
     (d / "loss.png").write_bytes(b"keep me")
-    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    before = _tree(d)
     with pytest.raises(RuntimeError, match="simulated"):
-        ckpt.save_checkpoint(d, _model(seed=2), ckpt.default_tokenizer(),
-                             train_state={"iter_num": 2}, step=2, _fail_after=fail_at)
-    after = {p.name: p.read_bytes() for p in d.iterdir()}
-    assert after == before
+        ckpt.save_checkpoint(d, _model(seed=2), ckpt.default_tokenizer(), train_state={"iter_num": 2},
+                             history=[{"step": 2}], step=2, _fail_after=fail_at)
+    assert _tree(d) == before
     m, _, info = ckpt.load_checkpoint(d)
     _assert_same_weights(m, old)
     assert info["step"] == 1
@@ -96,7 +106,10 @@ def test_save_keeps_other_files_and_replaces_stale_ones(tmp_path):
     (d / "loss.png").write_bytes(b"png")
     ckpt.save_checkpoint(d, _model(2), ckpt.default_tokenizer())  # no train state this time
     assert (d / "loss.png").read_bytes() == b"png"
-    assert not (d / ckpt.TRAIN_STATE_NAME).exists(), "a stale train state must not survive"
+    assert "train_state" not in ckpt.checkpoint_files(ckpt.read_checkpoint_info(d))
+    assert not list(d.glob("train_state*")), "a stale train state must not survive"
+    with pytest.raises(FileNotFoundError, match="no train_state"):
+        ckpt.load_train_state(d)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
@@ -151,7 +164,7 @@ def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path):
 
 def test_truncated_weights_detected(tmp_path):
     d = ckpt.save_checkpoint(tmp_path / "c", _model(), ckpt.default_tokenizer())
-    w = d / ckpt.WEIGHTS_NAME
+    w = ckpt.checkpoint_path(d)
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     with pytest.raises(ckpt.CheckpointError, match="corrupted checkpoint"):
         ckpt.load_checkpoint(d)
@@ -165,7 +178,7 @@ def test_truncated_weights_detected(tmp_path):
 
 def test_flipped_byte_detected(tmp_path):
     d = ckpt.save_checkpoint(tmp_path / "c", _model(), ckpt.default_tokenizer())
-    w = d / ckpt.WEIGHTS_NAME
+    w = ckpt.checkpoint_path(d)
     data = bytearray(w.read_bytes())
     data[-10] ^= 0xFF  # inside the tensor data: the file still parses
     w.write_bytes(bytes(data))
@@ -188,7 +201,7 @@ def test_bad_json_and_missing_files(tmp_path):
 def test_truncated_train_state_detected(tmp_path):
     d = ckpt.save_checkpoint(tmp_path / "c", _model(), ckpt.default_tokenizer(),
                              train_state={"t": torch.zeros(1000)})
-    p = d / ckpt.TRAIN_STATE_NAME
+    p = ckpt.checkpoint_path(d, "train_state")
     p.write_bytes(p.read_bytes()[:100])
     info = json.loads((d / ckpt.META_NAME).read_text())
     del info["files"]  # get past the hash check to the torch.load itself
@@ -204,10 +217,10 @@ class _Evil:
 
 def test_train_state_never_unpickles_objects(tmp_path):
     d = ckpt.save_checkpoint(tmp_path / "c", _model(), ckpt.default_tokenizer(), train_state={"a": 1})
-    p = d / ckpt.TRAIN_STATE_NAME
+    p = ckpt.checkpoint_path(d, "train_state")
     torch.save({"evil": _Evil()}, p)
     info = json.loads((d / ckpt.META_NAME).read_text())
-    info["files"][ckpt.TRAIN_STATE_NAME] = ckpt._sha256(p)  # a consistent, malicious checkpoint
+    info["files"][p.name] = ckpt._sha256(p)  # a consistent, malicious checkpoint
     (d / ckpt.META_NAME).write_text(json.dumps(info))
     with pytest.raises(ckpt.CheckpointError, match="cannot read"):
         ckpt.load_train_state(d)
@@ -218,5 +231,217 @@ def test_weights_not_matching_config(tmp_path):
     info = json.loads((d / ckpt.META_NAME).read_text())
     info["config"]["n_embd"] = 128
     (d / ckpt.META_NAME).write_text(json.dumps(info))
-    with pytest.raises(ckpt.CheckpointError, match="do not match its config"):
+    with pytest.raises(ckpt.CheckpointError, match="n_embd is 128 but .* has 64 columns of wte.weight"):
         ckpt.load_checkpoint(d)
+
+
+# ----------------------------------------------------------------------------- the out-dir is the user's
+
+
+def test_save_never_touches_user_files_subdirs_or_mode(tmp_path):
+    """Issue #19: saving into a project directory deleted its subdirectories (the whole directory
+    was swapped) and changed its mode (555 -> 755). Now: every user file and subdirectory
+    survives two saves byte for byte, the directory keeps its mode and inode (never renamed),
+    and the only other entries are the checkpoint's own files."""
+    d = tmp_path / "proj"
+    (d / "src").mkdir(parents=True)
+    (d / "src" / "main.py").write_text("code")
+    (d / "notes" / "sub").mkdir(parents=True)
+    (d / "notes" / "sub" / "data.txt").write_text("data")
+    (d / "model.safetensors.bak").write_bytes(b"user bytes")
+    os.chmod(d / "notes", 0o700)
+    os.chmod(d, 0o555)  # root can still write into it; the mode bits must stay as they are
+    try:
+        user = _tree(d)
+        ino = os.stat(d).st_ino
+        for step in (1, 2):
+            ckpt.save_checkpoint(d, _model(step), ckpt.default_tokenizer(), train_state={"i": step},
+                                 history=[{"step": step}], step=step)
+            after = _tree(d)
+            ours = set(ckpt.checkpoint_files(ckpt.read_checkpoint_info(d)).values()) | {ckpt.META_NAME}
+            assert {k: v for k, v in after.items() if k not in ours} == user
+            assert set(after) - set(user) == ours
+            assert os.stat(d).st_ino == ino, "the directory was replaced"
+        m, _, info = ckpt.load_checkpoint(d)
+        _assert_same_weights(m, _model(2))
+        assert ckpt.load_train_state(d)["i"] == 2 and ckpt.read_history(d) == [{"step": 2}]
+    finally:
+        os.chmod(d, 0o755)
+
+
+def test_save_into_a_mount_point(tmp_path, monkeypatch):
+    """A mount point cannot be renamed (EBUSY): the old save failed there every time. Stand-in
+    for a mount: renaming, removing or re-permissioning the directory itself raises EBUSY /
+    EPERM, so any save that still tries fails this test."""
+    import errno
+
+    d = (tmp_path / "mnt").absolute()
+    d.mkdir()
+    real_replace, real_rename, real_rmdir, real_chmod = os.replace, os.rename, os.rmdir, os.chmod
+
+    def guard(real, err):
+        def f(src, *rest, **kw):
+            if Path(src).absolute() == d or (rest and isinstance(rest[0], (str, os.PathLike))
+                                             and Path(rest[0]).absolute() == d and real is not real_chmod):
+                raise OSError(err, os.strerror(err), str(src))
+            return real(src, *rest, **kw)
+        return f
+
+    monkeypatch.setattr(os, "replace", guard(real_replace, errno.EBUSY))
+    monkeypatch.setattr(os, "rename", guard(real_rename, errno.EBUSY))
+    monkeypatch.setattr(os, "rmdir", guard(real_rmdir, errno.EBUSY))
+    monkeypatch.setattr(os, "chmod", guard(real_chmod, errno.EPERM))
+    for step in (1, 2):
+        ckpt.save_checkpoint(d, _model(step), ckpt.default_tokenizer(), train_state={"i": step}, step=step)
+    m, _, info = ckpt.load_checkpoint(d)
+    _assert_same_weights(m, _model(2))
+    assert info["step"] == 2
+
+
+def test_previous_format_still_loads_and_is_replaced_cleanly(tmp_path):
+    """A checkpoint in the previous format (the shipped model is one: model.safetensors,
+    history.json) loads; a save into it removes exactly its old files and keeps the user's."""
+    import shutil
+
+    legacy = ckpt.DEFAULT_MODEL_DIR
+    assert (legacy / ckpt.WEIGHTS_NAME).exists() and "layout" not in ckpt.read_checkpoint_info(legacy)
+    m, _, info = ckpt.load_checkpoint(legacy)
+    assert info["step"] == 1500
+    d = tmp_path / "old"
+    shutil.copytree(legacy, d)
+    (d / "mine.txt").write_text("keep")
+    ckpt.save_checkpoint(d, _model(5), ckpt.default_tokenizer(), step=9)
+    assert sorted(p.name for p in d.iterdir()) == sorted([ckpt.META_NAME, "model-9.safetensors", "mine.txt"])
+    m2, _, _ = ckpt.load_checkpoint(d)
+    _assert_same_weights(m2, _model(5))
+
+
+def test_crafted_manifest_cannot_delete_outside(tmp_path):
+    """The files a save removes are the ones the previous manifest names: a manifest naming
+    ../victim or the manifest itself must not make a save delete them."""
+    d = ckpt.save_checkpoint(tmp_path / "c", _model(), ckpt.default_tokenizer(), step=1)
+    (tmp_path / "victim").write_text("x")
+    info = json.loads((d / ckpt.META_NAME).read_text())
+    info["layout"]["history"] = "../victim"
+    (d / ckpt.META_NAME).write_text(json.dumps(info))
+    ckpt.save_checkpoint(d, _model(), ckpt.default_tokenizer(), step=2)
+    assert (tmp_path / "victim").read_text() == "x"
+
+
+def test_same_step_saved_twice_gets_a_fresh_name(tmp_path):
+    d = tmp_path / "c"
+    ckpt.save_checkpoint(d, _model(1), ckpt.default_tokenizer(), step=3)
+    ckpt.save_checkpoint(d, _model(2), ckpt.default_tokenizer(), step=3)
+    names = sorted(p.name for p in d.iterdir())
+    assert names == sorted([ckpt.META_NAME, "model-3-1.safetensors"]), names
+    _assert_same_weights(ckpt.load_checkpoint(d)[0], _model(2))
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from gptfast import checkpoint as ckpt
+    from gptfast.config import GPTConfig
+    from gptfast.model import GPT
+    m = GPT(GPTConfig.from_preset("tiny"))
+    tok = ckpt.default_tokenizer()
+    i = 0
+    while True:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.fill_(float(i))
+        ckpt.save_checkpoint(sys.argv[2], m, tok, train_state={"i": torch.full((20000,), i)},
+                             history=[{"step": i}], step=i, git_sha=None)
+        print(i, flush=True)
+        i += 1
+""")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sigkill_at_random_points_leaves_a_loadable_checkpoint(tmp_path, seed):
+    """A process saving in a loop into a directory with user files is SIGKILLed at a random
+    moment (4 seeds): the checkpoint left loads and is one complete version (weights, train
+    state and history all from it); the user's files are intact; the only other entries are
+    ours (a journal, temporary files with our prefix, files the journal names); and the next
+    save removes all of those."""
+    import random
+
+    d = tmp_path / "c"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "keep.txt").write_text("user")
+    (d / "notes.md").write_text("user notes")
+    user = _tree(d)
+    script = tmp_path / "saver.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(REPO), str(d)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline(), "the saving process died"
+        time.sleep(random.Random(seed).uniform(0.0, 0.4))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    m, _, info = ckpt.load_checkpoint(d)
+    version = info["step"]
+    for name, p in m.state_dict().items():
+        assert torch.all(p == float(version)), f"{name} is not from version {version}"
+    assert torch.equal(ckpt.load_train_state(d)["i"], torch.full((20000,), version))
+    assert ckpt.read_history(d) == [{"step": version}]
+    live = set(ckpt.checkpoint_files(info).values()) | {ckpt.META_NAME}
+    tree = _tree(d)
+    assert {k: v for k, v in tree.items() if k in user} == user
+    journal = d / ckpt._PENDING_NAME
+    pending = set()
+    if journal.exists():
+        try:
+            j = json.loads(journal.read_text())
+            pending = set(j.get("files", [])) | set(j.get("old", []))
+        except json.JSONDecodeError:  # cut short while being written: nothing else exists yet
+            pass
+    for name in set(tree) - set(user) - live:
+        assert name == ckpt._PENDING_NAME or name.startswith(ckpt._TMP_PREFIX) or name in pending, name
+    ckpt.save_checkpoint(d, _model(), ckpt.default_tokenizer(), step=version + 1)
+    live = set(ckpt.checkpoint_files(ckpt.read_checkpoint_info(d)).values()) | {ckpt.META_NAME}
+    assert set(_tree(d)) == set(user) | live
+
+
+def test_interrupted_save_leftovers_removed_by_next_save(tmp_path):
+    """Deterministic version of the kill window: the journal is written and a new weights file
+    is in place, but the manifest is not committed. The old checkpoint loads; the next save
+    removes the orphan (named in the journal) and never a file the journal does not name."""
+    d = tmp_path / "c"
+    ckpt.save_checkpoint(d, _model(1), ckpt.default_tokenizer(), step=1)
+    (d / "model-7.safetensors").write_bytes(b"the user's own, not in any journal")
+    (d / "model-2.safetensors").write_bytes(b"orphan of a killed save")
+    (d / f"{ckpt._TMP_PREFIX}abc123-history-2.json").write_text("[]")
+    (d / ckpt._PENDING_NAME).write_text(json.dumps({"token": "abc123", "files": ["model-2.safetensors"]}))
+    _assert_same_weights(ckpt.load_checkpoint(d)[0], _model(1))
+    ckpt.save_checkpoint(d, _model(3), ckpt.default_tokenizer(), step=3)
+    assert sorted(p.name for p in d.iterdir()) == sorted([ckpt.META_NAME, "model-3.safetensors", "model-7.safetensors"])
+
+
+# ----------------------------------------------------------------------------- checks before allocating
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("n_layer", 100000, "gptfast.json: config field n_layer is 100,000, above the sane limit"),
+    ("n_layer", 1000, "n_layer is 1,000 but .* holds 2 transformer block"),
+    ("vocab_size", 10**9, "vocab_size is 1,000,000,000, above the sane limit"),
+    ("block_size", 4096, "block_size is 4,096 but .* has 64 rows of wpe.weight"),
+    ("n_layer", None, "lacks required field.* n_layer"),
+    ("n_embd", "64", "n_embd must be a positive integer, got '64'"),
+])
+def test_implausible_config_refused_before_allocating(tmp_path, field, value, needle):
+    """Issue #19: n_layer 100000 next to a tiny weights file allocated for minutes before
+    failing; a missing n_layer silently defaulted to 12. Now refused in well under a second,
+    naming the field."""
+    d = ckpt.save_checkpoint(tmp_path / "c", _model(), ckpt.default_tokenizer())
+    info = json.loads((d / ckpt.META_NAME).read_text())
+    if value is None:
+        del info["config"][field]
+    else:
+        info["config"][field] = value
+    (d / ckpt.META_NAME).write_text(json.dumps(info))
+    t0 = time.perf_counter()
+    with pytest.raises(ckpt.CheckpointError, match=needle):
+        ckpt.load_checkpoint(d)
+    assert time.perf_counter() - t0 < 1.0

@@ -98,7 +98,7 @@ def test_loss_decreases_and_plot(small_text, tmp_path):
     out = tmp_path / "run"
     res = train(_tiny_cfg(small_text, out, max_iters=60, eval_interval=30, eval_iters=4, plot=True))
     vocab = res["model"].config.vocab_size
-    hist = json.loads((out / ckpt.HISTORY_NAME).read_text())
+    hist = ckpt.read_history(out)
     assert [h["step"] for h in hist] == [30, 60]
     # Untrained, the loss is ~ln(vocab) (uniform predictions); 60 steps must beat it clearly.
     assert hist[-1]["train_loss"] < math.log(vocab) - 0.7
@@ -208,11 +208,11 @@ def test_bad_input_one_line_error_nothing_overwritten(case, expected, trained, t
         data.write_text("Café au lait, señor! " * 400)
         extra = ["--resume"]
     elif case == "corrupt":
-        w = trained / ckpt.WEIGHTS_NAME
+        w = ckpt.checkpoint_path(trained)
         w.write_bytes(w.read_bytes()[:-100])
         extra = ["--resume"]
     elif case == "truncated_state":
-        s = trained / ckpt.TRAIN_STATE_NAME
+        s = ckpt.checkpoint_path(trained, "train_state")
         s.write_bytes(s.read_bytes()[:50])
         extra = ["--resume"]
     before = _dir_digest(trained)
@@ -220,6 +220,61 @@ def test_bad_input_one_line_error_nothing_overwritten(case, expected, trained, t
                           "--max-iters", "4", "--backend", "torch", "--no-progress", *extra], capsys)
     assert expected in err, err
     assert _dir_digest(trained) == before, "a failed run must not touch the existing checkpoint"
+
+
+def test_train_and_resume_keep_the_users_files(small_text, tmp_path, capsys):
+    """Issue #19: `gptfast train --out-dir .` in a project deleted src/main.py, and --resume
+    deleted notes/sub/data.txt. Both survive now, with the directory's mode; --resume says the
+    step and losses it resumed from."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "main.py").write_text("print('hi')")
+    (proj / "notes" / "sub").mkdir(parents=True)
+    (proj / "notes" / "sub" / "data.txt").write_text("data")
+    os.chmod(proj, 0o751)
+    args = ["train", "--preset", "tiny", "--data", str(small_text), "--out-dir", str(proj),
+            "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2",
+            "--block-size", "32", "--n-layer", "1", "--n-embd", "32", "--backend", "torch", "--no-progress"]
+    assert cli_main(args) == 0
+    i = args.index("--max-iters") + 1
+    assert cli_main([*args[:i], "4", *args[i + 1:], "--resume"]) == 0
+    err = capsys.readouterr().err
+    info = ckpt.read_checkpoint_info(proj)
+    assert info["step"] == 4
+    assert "resumed from step 2" in err and "val loss" in err, err
+    assert (proj / "src" / "main.py").read_text() == "print('hi')"
+    assert (proj / "notes" / "sub" / "data.txt").read_text() == "data"
+    assert os.stat(proj).st_mode & 0o7777 == 0o751
+
+
+@pytest.mark.parametrize("case", ["file", "parent_file", "not_writable"])
+def test_bad_out_dir_refused_before_training(case, small_text, tmp_path, capsys, monkeypatch):
+    """--out-dir that is a file, under a file, or not writable: one line, exit 2, before any data
+    is read or any step is run (the old code failed at the first save, after training)."""
+    import gptfast.train as train_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before --out-dir was checked")
+
+    monkeypatch.setattr(train_mod, "_prepare", no_training)
+    target = tmp_path / "out"
+    if case == "file":
+        target.write_text("a file")
+    elif case == "parent_file":
+        (tmp_path / "f").write_text("a file")
+        target = tmp_path / "f" / "out"
+    else:  # root ignores permission bits: stand in for a read-only directory at the probe
+        target.mkdir()
+
+        def refuse(*a, **k):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(train_mod.tempfile, "mkstemp", refuse)
+    err = _run_cli_error(["train", "--preset", "tiny", "--data", str(small_text), "--out-dir", str(target),
+                          "--max-iters", "2", "--no-progress"], capsys)
+    expected = {"file": "exists and is not a directory", "parent_file": "is a file, not a directory",
+                "not_writable": "not writable"}[case]
+    assert "--out-dir" in err and expected in err, err
 
 
 def test_plot_without_history_is_an_error(tmp_path, capsys):
@@ -271,13 +326,13 @@ def test_ddp_two_cpu_processes(small_text, tmp_path):
     torch.manual_seed(5)  # the initial weights (same seed as the script): training moved them
     init = GPT(GPTConfig.from_preset("tiny", n_layer=1, n_embd=32, block_size=32, vocab_size=w0["transformer.wte.weight"].shape[0]))
     assert not torch.equal(init.state_dict()["transformer.h.0.mlp.c_fc.weight"], w0["transformer.h.0.mlp.c_fc.weight"])
-    hist = json.loads((out / ckpt.HISTORY_NAME).read_text())
+    hist = ckpt.read_history(out)
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     ranks = ckpt.load_train_state(out)["ranks"]
     assert len(ranks) == 2
     assert not torch.equal(ranks[0]["sampler"]["generator"], ranks[1]["sampler"]["generator"])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [ckpt.WEIGHTS_NAME, ckpt.META_NAME, ckpt.TRAIN_STATE_NAME, ckpt.HISTORY_NAME])
+        [ckpt.META_NAME, "model-12.safetensors", "train_state-12.pt", "history-12.json"])
 
 
 # ----------------------------------------------------------------------------- the shipped model
