@@ -414,13 +414,16 @@ def test_benchmark_generate_rows_schema():
     from gptfast.bench_generate import benchmark_generate
 
     rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
-                              quick=True, threads=None, reference_tokens=2)
+                              quick=True, threads=None, reference_tokens=2, peers=(), read_bw_bytes=64 << 20)
     by = {r["backend"]: r for r in rows}
     assert set(by) >= {"engine[torch]", "hf", "reference (no cache)", "bound"}
     for r in rows:
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
-    assert by["hf"]["speedup_vs_hf"] == pytest.approx(1.0)
+    # "vs HF" is against the fastest Hugging Face configuration (mask / no mask / static cache)
+    base = [r for r in rows if r.get("hf_baseline")]
+    assert len(base) == 1 and base[0]["backend"].startswith("hf") and base[0]["speedup_vs_hf"] == 1.0
+    assert all(r["speedup_vs_hf"] <= 1.0 for r in rows if r["backend"].startswith("hf"))
     assert 0 < by["engine[torch]"]["pct_of_bound"]
 
     # The CLI prints these rows (`gptfast bench generate`): both table writers must take them.

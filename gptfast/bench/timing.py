@@ -102,6 +102,75 @@ def _measure_cuda(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str
 
 # --------------------------------------------------------------------------- machine peaks
 
+READ_BW_MIN_BYTES = 1 << 30  # the streaming-read buffer: at least 1 GiB ...
+READ_BW_LLC_FACTOR = 8  # ... and at least 8x the last-level cache
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache in bytes (Linux sysfs; None where it cannot be read)."""
+    import glob
+
+    best = None
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            txt = open(path).read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        digits = txt.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best or 0, int(digits) * mult)
+    return best
+
+
+def read_bw_buffer_bytes(device_type: str = "cpu") -> int:
+    """The default streaming-read buffer: max(1 GiB, 8 x the last-level cache) on CPU, 1 GiB on GPUs."""
+    llc = last_level_cache_bytes() if device_type == "cpu" else None
+    return max(READ_BW_MIN_BYTES, READ_BW_LLC_FACTOR * (llc or 0))
+
+
+def measure_read_bandwidth(device_type: str = "cpu", nbytes: int | None = None, repeats: int = 7) -> dict:
+    """The machine's read bandwidth as memory-bound engines are judged: a streaming read, by all
+    configured threads (`torch.get_num_threads()`), of a buffer far larger than the caches.
+
+    Method: an fp32 buffer of max(1 GiB, 8 x last-level cache) bytes (`nbytes` overrides; GPUs: 1
+    GiB), filled with ones (every page touched beforehand); one untimed `buf.sum()`, then `repeats`
+    timed `buf.sum()` calls; GB/s = nbytes / time of one call (bytes read only, 1e9 bytes/s).
+    Returns {gbps: the best (the peak is what the machine can do; on a shared machine the median
+    understates it), min_gbps, median_gbps, max_gbps, samples, method, buffer_mib, threads}.
+
+    Why `.sum()`: PyTorch's fp32 sum reduces with several vector accumulators per thread and splits
+    the buffer across the intra-op threads, so at 2 threads it is bandwidth-bound, not add-bound:
+    on this project's 2-core Zen 4 VM (2026-11-25, interleaved, same moment) a hand-written
+    AVX-512 loop (4 independent accumulators, one contiguous half per OpenMP thread), an int32 `max`
+    of the same bytes and `.sum()` read at the same speed within the run's noise. A 256 MiB buffer
+    (8x the 32 MiB L3, the old bench's) is the minimum; 1 GiB also spreads the read over many
+    more pages. Memory bandwidth drifts on a shared VM (29-45 GB/s within 20 minutes seen here),
+    so `gptfast bench generate` measures it at the start and the end of its run and reports both.
+    """
+    import statistics
+
+    dev = torch.device(device_type)
+    nbytes = int(read_bw_buffer_bytes(device_type) if nbytes is None else nbytes) // 4 * 4
+    if nbytes <= 0 or repeats < 1:
+        raise ValueError(f"measure_read_bandwidth: nbytes and repeats must be positive, got {nbytes}, {repeats}")
+    buf = torch.ones(nbytes // 4, device=dev)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    buf.sum()
+    sync()
+    gbps = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        sync()
+        gbps.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    del buf
+    threads = torch.get_num_threads()
+    return dict(gbps=max(gbps), min_gbps=min(gbps), median_gbps=statistics.median(gbps), max_gbps=max(gbps),
+                samples=gbps, buffer_mib=nbytes / 2**20, threads=threads,
+                method=f"fp32 .sum() over {nbytes / 2**30:.2f} GiB, {threads} threads, best of {repeats}")
+
+
 # Datasheet peaks (dense, no sparsity) for the roofline column on GPUs we know; matched by name.
 # H100 SXM5: 989 TFLOP/s bf16, 3.35 TB/s HBM3 (NVIDIA H100 datasheet). H100 PCIe: 756, 2.0.
 # H200: 989, 4.8. A100 SXM 80GB: 312, 2.039.

@@ -1,0 +1,143 @@
+"""`gptfast bench generate`: the read-bandwidth bound (method, spread, start and end of the run),
+Hugging Face at its best, and the peers (CTranslate2 here; llama.cpp opt-in, slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptfast.bench import timing
+from gptfast.bench_generate import CT2Peer, _hf_dir_for_peers, benchmark_generate, format_rows, peer_unavailable
+from gptfast.config import GPTConfig
+from gptfast.engine import generate
+from gptfast.model import GPT
+
+
+def _peaked(seed=1, **kw) -> GPT:
+    """A small GPT-2-vocabulary model whose greedy choices have clear winners (an untied head scaled
+    up): peers must pick exactly its tokens, not merely agree until rounding flips a flat argmax."""
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50257, tie_weights=False)
+    cfg.update(kw)
+    m = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+# ----------------------------------------------------------------------------- read bandwidth
+
+
+def test_read_bandwidth_method_and_spread(monkeypatch):
+    r = timing.measure_read_bandwidth("cpu", nbytes=8 << 20, repeats=4)
+    assert len(r["samples"]) == 4 and r["buffer_mib"] == 8
+    assert r["min_gbps"] <= r["median_gbps"] <= r["max_gbps"] == r["gbps"] == max(r["samples"])
+    assert r["threads"] == torch.get_num_threads() and "sum()" in r["method"] and "best of 4" in r["method"]
+    with pytest.raises(ValueError, match="nbytes and repeats must be positive, got 0, 3"):
+        timing.measure_read_bandwidth("cpu", nbytes=0, repeats=3)
+    # default buffer: max(1 GiB, 8 x LLC)
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 32 << 20)
+    assert timing.read_bw_buffer_bytes("cpu") == 1 << 30
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 256 << 20)
+    assert timing.read_bw_buffer_bytes("cpu") == 8 * (256 << 20)
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: None)  # sysfs unreadable
+    assert timing.read_bw_buffer_bytes("cpu") == 1 << 30
+
+
+def test_bound_from_best_of_start_and_end(monkeypatch):
+    readings = iter([dict(gbps=10.0, min_gbps=8.0, median_gbps=9.0, max_gbps=10.0, method="M"),
+                     dict(gbps=20.0, min_gbps=15.0, median_gbps=18.0, max_gbps=20.0, method="M")])
+    monkeypatch.setattr(timing, "measure_read_bandwidth", lambda *a, **k: next(readings))
+    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
+                              quick=True, threads=None, include_hf=False, include_reference=False, peers=())
+    by = {r["backend"]: r for r in rows}
+    # tiny: 2 layers, 64 wide, vocab 65, block 64: parameters - position table, fp32
+    n = (GPT(GPTConfig.from_preset("tiny")).num_params() - 64 * 64) * 4
+    step = n + 2 * (2 * 2 * 64 * (4 + 6 / 2) * 4)  # + B x K/V at the mean length
+    assert by["bound"]["ms_per_token"] == pytest.approx(1e3 * step / 20e9, rel=1e-12)
+    e = by["engine[torch]"]
+    assert e["read_gbps"] == 20.0 and e["read_start_median_gbps"] == 9.0 and e["read_end_min_gbps"] == 15.0
+    assert e["pct_of_bound"] == pytest.approx(100 * by["bound"]["ms_per_token"] / e["ms_per_token"], rel=1e-9)
+    text = format_rows(rows)
+    assert "start of run min/median/max 8.0/9.0/10.0 GB/s, end 15.0/18.0/20.0 GB/s" in text
+    assert "bound from the best, 20.0 GB/s" in text
+
+
+# ----------------------------------------------------------------------------- contestants
+
+
+def test_hf_variants_and_ctranslate2_rows():
+    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
+                              quick=True, threads=None, include_reference=False, peers=("ctranslate2",),
+                              read_bw_bytes=16 << 20)
+    by = {r["backend"]: r for r in rows}
+    hf = [by[k] for k in ("hf", "hf (no mask)", "hf (static cache)")]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in hf)
+    best = max(hf, key=lambda r: r["tokens_per_s"])
+    assert best.get("hf_baseline") and best["speedup_vs_hf"] == 1.0
+    assert sum(bool(r.get("hf_baseline")) for r in rows) == 1
+    eng = by["engine[torch]"]
+    assert eng["speedup_vs_hf"] == pytest.approx(eng["tokens_per_s"] / best["tokens_per_s"])
+    assert f"the fastest Hugging Face configuration, {best['backend']}" in format_rows(rows)
+    for k in ("ctranslate2 float32", "ctranslate2 int8"):
+        assert by[k]["status"] == "ok" and by[k]["tokens_per_s"] > 0, by[k]
+        assert "greedy = gptfast fp32 engine for the first" in by[k]["reason"]
+    # int8 is held to its own bytes: a quarter of the weights, the same K/V
+    ratio = lambda r: r["pct_of_bound"] / r["tokens_per_s"]  # noqa: E731
+    n = rows[0]["weight_bytes"]
+    kv = 2 * (2 * 2 * 64 * (4 + 6 / 2) * 4)
+    assert ratio(by["ctranslate2 int8"]) / ratio(by["ctranslate2 float32"]) == pytest.approx(
+        (n / 4 + kv) / (n + kv), rel=1e-9)
+
+
+def test_ctranslate2_greedy_tokens_equal_gptfast(tmp_path):
+    m = _peaked()
+    prompts = [[464, 2068, 7586, 21831], [40, 1101, 257, 3290]]
+    want = generate(m, prompts, 12, temperature=0.0)
+    d, tokens = _hf_dir_for_peers(m, tmp_path / "hf")
+    assert tokens[50256] == "<|endoftext|>" and tokens[198] == "\u010a"
+    got = CT2Peer(d, tokens, tmp_path, "float32", 1).generate(prompts, 12)
+    assert got == want
+    assert len(set(want[0])) > 3  # not a degenerate repeat: the comparison means something
+
+
+def test_peer_arguments_and_missing_peer(monkeypatch):
+    with pytest.raises(ValueError, match=r"peers must be a subset of \('ctranslate2', 'llama.cpp'\), got \['vllm'\]"):
+        benchmark_generate("tiny", peers=("vllm",), quick=True, threads=None, read_bw_bytes=4 << 20)
+    with pytest.raises(ValueError, match="gguf_types must be a subset"):
+        benchmark_generate("tiny", gguf_types=("q4_k",), quick=True, threads=None, read_bw_bytes=4 << 20)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ctranslate2" else real(name, *a))
+    assert "ctranslate2 is not installed (pip install ctranslate2" in peer_unavailable("ctranslate2")
+    rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=4, backends=("torch",), quick=True,
+                              threads=None, include_hf=False, include_reference=False, peers=("ctranslate2",),
+                              read_bw_bytes=4 << 20)
+    r = next(r for r in rows if r["backend"] == "ctranslate2 float32")
+    assert r["status"] == "unavailable" and "pip install" in r["reason"]
+    assert "unavailable: ctranslate2 is not installed" in format_rows(rows)
+
+
+@pytest.mark.slow
+def test_llama_cpp_peer_batched_greedy_equals_gptfast():
+    """llama.cpp (opt-in: pip install 'gptfast[peers]') through the bench's batched decoding loop:
+    the same greedy tokens as gptfast for every sequence of a batch, f32 weights."""
+    pytest.importorskip("llama_cpp", reason="opt-in peer: pip install 'gptfast[peers]'")
+    import tempfile
+    from pathlib import Path
+
+    from gptfast.bench_generate import LlamaCppPeer
+    from gptfast.gguf import save_gguf
+
+    m = _peaked()
+    prompts = [[464, 2068, 7586, 21831], [40, 1101, 257, 3290], [1, 2, 3, 4]]
+    want = generate(m, prompts, 12, temperature=0.0)
+    with tempfile.TemporaryDirectory() as d:
+        path = save_gguf(m, Path(d) / "m.gguf", dtype="f32")
+        peer = LlamaCppPeer(path, n_seq=3, n_ctx_seq=32, threads=2)
+        try:
+            assert peer.generate(prompts, 12) == want
+            assert peer.generate(prompts[:1], 12) == want[:1]  # the cache is cleared between calls
+        finally:
+            peer.close()
