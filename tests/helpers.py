@@ -35,12 +35,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         )
 
 
-def assert_error_within(actual, expected_fp32, baseline, factor: float = 2.0, atol: float = 1e-5, what: str = "") -> None:
-    """FlashAttention's rule for low precision: |actual - ref| <= factor * |baseline - ref| + atol,
-    where ref is an fp32 (or fp64) computation and baseline is plain PyTorch in the low dtype."""
-    ref = expected_fp32.detach().double()
-    ours = (actual.detach().double() - ref).abs().max().item()
-    theirs = (baseline.detach().double() - ref).abs().max().item()
-    assert ours <= factor * theirs + atol, (
-        f"{what}: max error {ours:.3g} vs fp32 reference exceeds {factor} x PyTorch's {theirs:.3g} + {atol}"
-    )
+# The project's one tolerance rule (fp64 truth, at most 2x PyTorch's own error in the dtype): see
+# gptfast/testing.py, shared with the benchmarks.
+from gptfast.testing import assert_error_within, error_report  # noqa: E402,F401

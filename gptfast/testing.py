@@ -1,0 +1,73 @@
+"""The project's one accuracy rule, shared by the tests and the benchmarks' pre-timing checks.
+
+FlashAttention's rule (https://github.com/Dao-AILab/flash-attention, tests/test_flash_attn.py):
+compute the truth in fp64 from the same inputs, and let a kernel be off from it by at most
+`factor` (2) times the error that plain PyTorch makes in the same dtype on the same inputs, plus a
+floor of one rounding of the output (`eps(dtype) * max|truth|`) for shapes where PyTorch happens to
+be exact. The allowance adapts to each shape and dtype honestly: fp32 gets fp32-sized room, bf16
+gets bf16-sized room, and a wrong kernel (a missed mask, a stale row, an off-by-one) is off by far
+more than rounding either way. Nothing here is a fixed tolerance.
+
+    truth = op(*(x.double() for x in inputs))          # fp64
+    baseline = op(*inputs)                              # plain PyTorch (the `reference` backend), dtype
+    assert_error_within(kernel_out, truth, baseline)    # |out - truth| <= 2 |baseline - truth| + floor
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FACTOR = 2.0  # "at most ~2x PyTorch's own error for the dtype"
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return t.detach().double().abs().max().item() if t.numel() else 0.0
+
+
+def output_floor(truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """One rounding of the output in `dtype`: eps(dtype) x max|truth| (the floor of the rule)."""
+    return torch.finfo(dtype).eps * max(_max_abs(truth), torch.finfo(dtype).tiny)
+
+
+def error_report(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, *,
+                 factor: float = FACTOR, atol: float | None = None, what: str = "") -> str | None:
+    """None when max|actual - truth| <= factor * max|baseline - truth| + floor, else a message that
+    says how far off it is and where (the worst few indices).
+
+    actual: the kernel's output (any dtype); truth: the same computation in fp64 (or the best
+    reference available); baseline: plain PyTorch in actual's dtype on the same inputs. `atol` (the floor)
+    defaults to output_floor(truth, actual.dtype). A NaN in actual where truth has none (or the
+    other way round) always fails.
+    """
+    if tuple(actual.shape) != tuple(truth.shape):
+        return f"{what}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    a, t, b = (x.detach().double() for x in (actual, truth, baseline))
+    floor = output_floor(truth, actual.dtype) if atol is None else atol
+    nan_mismatch = torch.isnan(a) != torch.isnan(t)
+    same_inf = torch.isinf(a) & torch.isinf(t) & (a == t)
+    err = torch.where(same_inf | (torch.isnan(a) & torch.isnan(t)), torch.zeros_like(a), (a - t).abs())
+    base_err = torch.where(torch.isfinite(t), (b - t).abs(), torch.zeros_like(t))
+    theirs = base_err.nan_to_num(math.inf).max().item() if base_err.numel() else 0.0
+    allowed = factor * theirs + floor
+    ours = err.nan_to_num(math.inf).max().item() if err.numel() else 0.0
+    if ours <= allowed and not bool(nan_mismatch.any()):
+        return None
+    flat = err.nan_to_num(math.inf).flatten()
+    worst = torch.topk(flat, min(5, flat.numel())).indices
+    idx = [tuple(int(i) for i in torch.unravel_index(w, err.shape)) for w in worst]
+    detail = ", ".join(f"{i}: got {a[i].item():.6g} want {t[i].item():.6g}" for i in idx)
+    return (f"{what}: max error {ours:.3g} exceeds {factor:g} x PyTorch's {theirs:.3g} + {floor:.3g} "
+            f"(the {actual.dtype} rule); worst {detail}")
+
+
+def assert_error_within(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, *,
+                        factor: float = FACTOR, atol: float | None = None, what: str = "") -> None:
+    """Raise AssertionError (with where and how much) when `error_report` finds a violation."""
+    msg = error_report(actual, truth, baseline, factor=factor, atol=atol, what=what)
+    if msg is not None:
+        raise AssertionError(msg)
+
+
+__all__ = ["FACTOR", "assert_error_within", "error_report", "output_floor"]
