@@ -497,12 +497,12 @@ def check_weights_fit_config(weights: str | os.PathLike | dict[str, tuple[int, .
     (`transformer.h.0.` / `h.0.`, `wte.weight`, `wpe.weight`). Raises `CheckpointError` naming
     the field, the value and what the file holds."""
     shapes = weights if isinstance(weights, dict) else safetensors_shapes(weights)
-    where = "the weights" if isinstance(weights, dict) else str(weights)
+    where = "the state dict" if isinstance(weights, dict) else str(weights)
     get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
     layers = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
     n_layer = get("n_layer")
     if layers and n_layer is not None and n_layer != max(layers) + 1:
-        raise CheckpointError(f"{source}: n_layer is {n_layer:,} but {where} holds "
+        raise CheckpointError(f"{source}: n_layer is {n_layer:,} but {where} has "
                               f"{max(layers) + 1} transformer block(s)")
     emb = {name: shape for k, shape in shapes.items() for name in ("wte", "wpe")
            if (k == f"{name}.weight" or k.endswith(f".{name}.weight")) and len(shape) == 2}

@@ -227,6 +227,12 @@ def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
 
 def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
     """A GPT holding exactly `state` (fp32), checked key by key against the config."""
+    # Sizes within bounds and agreeing with the tensors, before a single module is built
+    # (n_layer 100000 beside a tiny file used to take minutes to refuse).
+    from gptfast.checkpoint import check_config_dict, check_weights_fit_config
+
+    check_config_dict(config.to_dict(), source)
+    check_weights_fit_config({k: tuple(v.shape) for k, v in state.items()}, config, source)
     # Build on the meta device: no time spent on a random init that is overwritten at once.
     with torch.device("meta"):
         model = GPT(config)

@@ -424,7 +424,7 @@ def test_interrupted_save_leftovers_removed_by_next_save(tmp_path):
 
 @pytest.mark.parametrize("field, value, needle", [
     ("n_layer", 100000, "gptfast.json: config field n_layer is 100,000, above the sane limit"),
-    ("n_layer", 1000, "n_layer is 1,000 but .* holds 2 transformer block"),
+    ("n_layer", 1000, "n_layer is 1,000 but .* has 2 transformer block"),
     ("vocab_size", 10**9, "vocab_size is 1,000,000,000, above the sane limit"),
     ("block_size", 4096, "block_size is 4,096 but .* has 64 rows of wpe.weight"),
     ("n_layer", None, "lacks required field.* n_layer"),
@@ -444,4 +444,21 @@ def test_implausible_config_refused_before_allocating(tmp_path, field, value, ne
     t0 = time.perf_counter()
     with pytest.raises(ckpt.CheckpointError, match=needle):
         ckpt.load_checkpoint(d)
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("n_layer, needle", [(100000, "n_layer is 100,000, above the sane limit"),
+                                             (1000, "n_layer is 1,000 but the state dict has 2 transformer")])
+def test_hf_dir_with_implausible_config_refused_fast(tmp_path, n_layer, needle):
+    """Issue #19's case: a Hugging Face config.json with n_layer 100000 beside a tiny
+    model.safetensors took 260-490 s to refuse. Now under a second, naming the field."""
+    from gptfast.interop import load_any, save_pretrained
+
+    d = save_pretrained(_model(), tmp_path / "hf")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_layer"] = n_layer
+    (d / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(ckpt.CheckpointError, match=needle):
+        load_any(d)
     assert time.perf_counter() - t0 < 1.0
