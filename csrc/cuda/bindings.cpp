@@ -281,7 +281,7 @@ void check_mlp_bias(const c10::optional<at::Tensor>& b, const at::Tensor& x, int
 
 std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_op(const at::Tensor& x_, const at::Tensor& w_fc,
                                                 const c10::optional<at::Tensor>& b_fc, const at::Tensor& w_proj,
-                                                const c10::optional<at::Tensor>& b_proj) {
+                                                const c10::optional<at::Tensor>& b_proj, bool exact) {
   const char* op = "gelu_mlp_fwd";
   check_cuda_tensor(x_, op, "x");
   const DType dt = float_dtype(x_, op, "x");
@@ -301,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_op(const at::Tensor& x_, const a
   at::Tensor h = at::empty_like(pre);
   const at::Tensor bf = b_fc.has_value() ? b_fc->contiguous() : at::Tensor();
   check_launch(gelu_bias_fwd(dt, pre.data_ptr(), bf.defined() ? bf.data_ptr() : nullptr, h.data_ptr(), M, F,
-                             current_stream()),
+                             exact, current_stream()),
                op);
   at::Tensor y = b_proj.has_value() ? at::addmm(*b_proj, h, w_proj.t()) : at::mm(h, w_proj.t());  // (M, C_out)
   return {y, pre};
@@ -310,13 +310,13 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_fwd_op(const at::Tensor& x_, const a
 // No gradients wanted: the forward's y (the CUDA path keeps its two buffers; the saving that
 // matters on CPU, GELU in place, is left to the Triton kernel's fused epilogue on GPUs).
 at::Tensor gelu_mlp_infer_op(const at::Tensor& x, const at::Tensor& w_fc, const c10::optional<at::Tensor>& b_fc,
-                             const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj) {
-  return std::get<0>(gelu_mlp_fwd_op(x, w_fc, b_fc, w_proj, b_proj));
+                             const at::Tensor& w_proj, const c10::optional<at::Tensor>& b_proj, bool exact) {
+  return std::get<0>(gelu_mlp_fwd_op(x, w_fc, b_fc, w_proj, b_proj, exact));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_bwd_op(
     const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_fc, const at::Tensor& w_proj,
-    const at::Tensor& pre_) {
+    const at::Tensor& pre_, bool exact) {
   const char* op = "gelu_mlp_bwd";
   check_cuda_tensor(x_, op, "x");
   const DType dt = float_dtype(x_, op, "x");
@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_
   const at::Tensor dy = dy_.contiguous(), x = x_.contiguous(), pre = pre_.contiguous();
   at::Tensor dpre = at::mm(dy, w_proj).contiguous();  // (M, F): dh, turned into dpre in place
   at::Tensor h = at::empty_like(pre);
-  check_launch(gelu_bwd(dt, pre.data_ptr(), dpre.data_ptr(), h.data_ptr(), M * F, current_stream()),
+  check_launch(gelu_bwd(dt, pre.data_ptr(), dpre.data_ptr(), h.data_ptr(), M * F, exact, current_stream()),
                op);
   at::Tensor dw_proj = at::mm(dy.t(), h);  // (C_out, F)
   at::Tensor db_proj = dy.sum(0);          // (C_out,), fp32 accumulation inside ATen

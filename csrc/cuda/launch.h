@@ -301,12 +301,14 @@ cudaError_t layer_norm_bwd(DType dtype, const void* dy, const void* x, const voi
                            const float* rstd, void* dx, void* dweight, void* dbias, float* partial, int64_t M,
                            int64_t N, cudaStream_t stream);
 
-// pre (M, F), in place: pre += bias (if any); h = gelu_tanh(pre). bias may be nullptr.
-cudaError_t gelu_bias_fwd(DType dtype, void* pre, const void* bias, void* h, int64_t M, int64_t F,
+// pre (M, F), in place: pre += bias (if any); h = gelu(pre). bias may be nullptr. gelu is the tanh
+// approximation (exact = false, GPT-2's) or 0.5 x (1 + erf(x / sqrt 2)) (exact = true).
+cudaError_t gelu_bias_fwd(DType dtype, void* pre, const void* bias, void* h, int64_t M, int64_t F, bool exact,
                           cudaStream_t stream);
 
-// dh (M, F), in place: dh *= gelu_tanh'(pre) (-> dpre); h = gelu_tanh(pre) (recomputed for dW_proj).
-cudaError_t gelu_bwd(DType dtype, const void* pre, void* dh, void* h, int64_t n, cudaStream_t stream);
+// dh (M, F), in place: dh *= gelu'(pre) (-> dpre); h = gelu(pre) (recomputed for dW_proj); gelu as
+// in gelu_bias_fwd.
+cudaError_t gelu_bwd(DType dtype, const void* pre, void* dh, void* h, int64_t n, bool exact, cudaStream_t stream);
 
 // q: (B, H, Tq, D) strided; caches: (B, H, T_max, D) strided; cache_lens: (B,) int64 on device.
 // out: (B, H, Tq, D) contiguous. workspace: decode_workspace_floats(...) fp32.
