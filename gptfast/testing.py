@@ -37,19 +37,23 @@ def error_report(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tens
     says how far off it is and where (the worst few indices).
 
     actual: the kernel's output (any dtype); truth: the same computation in fp64 (or the best
-    reference available); baseline: plain PyTorch in actual's dtype on the same inputs. `atol` (the floor)
+    reference available); baseline: plain PyTorch in actual's dtype on the same inputs (or a list of
+    PyTorch implementations: the largest of their errors is PyTorch's own). `atol` (the floor)
     defaults to output_floor(truth, actual.dtype). A NaN in actual where truth has none (or the
     other way round) always fails.
     """
     if tuple(actual.shape) != tuple(truth.shape):
         return f"{what}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    a, t, b = (x.detach().double() for x in (actual, truth, baseline))
+    baselines = [baseline] if torch.is_tensor(baseline) else list(baseline)
+    a, t = actual.detach().double(), truth.detach().double()
     floor = output_floor(truth, actual.dtype) if atol is None else atol
     nan_mismatch = torch.isnan(a) != torch.isnan(t)
     same_inf = torch.isinf(a) & torch.isinf(t) & (a == t)
     err = torch.where(same_inf | (torch.isnan(a) & torch.isnan(t)), torch.zeros_like(a), (a - t).abs())
-    base_err = torch.where(torch.isfinite(t), (b - t).abs(), torch.zeros_like(t))
-    theirs = base_err.nan_to_num(math.inf).max().item() if base_err.numel() else 0.0
+    theirs = 0.0
+    for b in baselines:  # several PyTorch implementations: PyTorch's error is the largest of theirs
+        base_err = torch.where(torch.isfinite(t), (b.detach().double() - t).abs(), torch.zeros_like(t))
+        theirs = max(theirs, base_err.nan_to_num(math.inf).max().item() if base_err.numel() else 0.0)
     allowed = factor * theirs + floor
     ours = err.nan_to_num(math.inf).max().item() if err.numel() else 0.0
     if ours <= allowed and not bool(nan_mismatch.any()):

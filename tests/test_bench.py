@@ -120,7 +120,8 @@ def test_wrong_backend_is_mismatch_and_not_timed(monkeypatch, capsys):
     assert rows["torch"]["status"] == "MISMATCH"
     assert rows["torch"]["median_ms"] is None and rows["torch"]["speedup_vs_reference"] is None
     assert "tolerance" in rows["torch"]["reason"]
-    assert calls["n"] == 1  # run once for the check, never timed
+    # run twice (is it trustworthy enough to join PyTorch's baseline? no; then the check), never timed
+    assert calls["n"] == 2
     assert timed == ["reference"]
     assert rows["reference"]["status"] == "ok" and rows["reference"]["median_ms"] > 0
     table = records.format_table(list(rows.values()), "cpu", "t")
@@ -150,6 +151,19 @@ def test_half_precision_tolerance_does_not_trust_the_torch_backend(monkeypatch):
     rows = {r["backend"]: r for r in runner.run_case(case, ["reference", "torch"], "cpu", "bf16", 2, None)}
     assert rows["torch"]["status"] == "MISMATCH"
     assert rows["reference"]["status"] == "ok"
+
+
+def test_fused_torch_error_counts_as_pytorch_own_but_a_wrong_one_does_not(monkeypatch):
+    """PyTorch's fused op joins the 2x baseline only while its error is rounding-sized (TORCH_TRUST)."""
+    from gptfast.ops import torch_ops
+
+    case = C.Case("layer_norm", "layer_norm", "fwd", dict(M=16, N=32))
+    inputs = C.build_inputs(case, torch.float32, "cpu", seed=0)
+    refs = C.reference_outputs(case, inputs)
+    assert [len(b) for b in C.tolerance(case, inputs, refs)] == [2]  # composite + fused
+    good = torch_ops.layer_norm
+    monkeypatch.setattr(torch_ops, "layer_norm", lambda x, w, b, eps=1e-5: good(x, w, b, eps) * 1.01)
+    assert [len(b) for b in C.tolerance(case, inputs, refs)] == [1]  # 1 % off: not PyTorch's rounding
 
 
 def test_unavailable_backend_is_listed_with_reason():

@@ -269,31 +269,47 @@ def dispatch_call(case: Case, inputs: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- correctness check
 
-# Largest error allowed, relative to the reference output's largest magnitude, before a backend
-# is called a MISMATCH. Rounding of a correct kernel in fp32 is ~1e-6 (reduction order) and up to
-# ~1e-3 where a GPU uses TF32 tensor cores; fp16 / bf16 keep 11 / 8 mantissa bits. A backend also
-# passes when its error is at most 2x that of plain PyTorch in the same dtype (FlashAttention's
-# rule), which adapts to shapes where the dtype itself is the limit. A wrong kernel (a missed
-# mask, a wrong scale, a stale row) is off by O(1) and is caught either way.
-REL_TOL = {torch.float32: 2e-3, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# The accuracy check before timing is the project's one rule (gptfast/testing.py, FlashAttention's):
+# the truth is the reference on the inputs upcast to fp64, and a backend may be off from it by at
+# most 2x the error of plain PyTorch (the reference code) run in the benchmark dtype on the same
+# inputs, plus one rounding of the output. The baseline is the reference, never a backend under
+# test: a wrong `torch` backend must not widen it. A wrong kernel is off by O(1) and never timed.
+# PyTorch's fused op (the `torch` backend) is PyTorch's own error too and may reduce in another
+# order (seen: F.layer_norm's backward dweight at (1024, 768) fp32 is 6x the composite's error), so
+# it joins the baseline -- but only while its error is within TORCH_TRUST x the composite's
+# (rounding differs by small factors; a wrong wrapper is off by orders of magnitude and is then a
+# MISMATCH itself, not a wider tolerance).
+TORCH_TRUST = 10.0
 
 
-def tolerance(case: Case, inputs: dict[str, Any], refs) -> float:
-    """The largest relative error a backend may show on this case (see REL_TOL).
+def tolerance(case: Case, inputs: dict[str, Any], refs):
+    """What a backend's error is measured against on this case: one list per output of PyTorch's
+    own outputs in the benchmark dtype (the reference composite, plus the `torch` backend's fused
+    op when it is trustworthy, see TORCH_TRUST); None for sampling (checked by set)."""
+    from gptfast import ops
+    from gptfast.testing import error_report
 
-    FlashAttention's rule: the dtype's tolerance, or 2x the error of the reference code itself
-    run in the benchmark dtype (plain PyTorch in that dtype), whichever is larger. The baseline
-    is the reference, never a backend under test: a wrong `torch` backend must not widen it.
-    """
+    if case.op == "sample":
+        return None
+
+    def outputs(backend):
+        out = make_call(case, backend, inputs)()
+        return [out] if torch.is_tensor(out) else list(out)
+
+    baselines = [[o] for o in outputs("reference")]
     first = inputs[_TENSOR_ARGS[case.op][0]]
-    tol = REL_TOL.get(first.dtype, 1e-2)
-    if case.op != "sample" and first.dtype in (torch.float16, torch.bfloat16):
-        tol = max(tol, 2 * relative_error(make_call(case, "reference", inputs)(), refs))
-    return tol
+    if ops.unavailable_reason("torch", case.op, first.device.type, **dispatch_call(case, inputs)) is None:
+        fused = outputs("torch")
+        if len(fused) == len(refs) and all(
+            error_report(f, r, b, factor=TORCH_TRUST) is None for f, r, (b,) in zip(fused, refs, baselines)
+        ):
+            for lst, f in zip(baselines, fused):
+                lst.append(f)
+    return baselines
 
 
 def reference_outputs(case: Case, inputs: dict[str, Any]) -> list[torch.Tensor] | torch.Tensor:
-    """The truth: the `reference` backend on the inputs upcast to fp32 (fp64 stays fp64).
+    """The truth: the `reference` backend on the inputs upcast to fp64.
 
     For sampling, the (B, V) distribution the reference draws from (tokens it keeps are > 0).
     """
@@ -302,10 +318,9 @@ def reference_outputs(case: Case, inputs: dict[str, Any]) -> list[torch.Tensor] 
     if case.op == "sample":
         o = case.options
         return reference.sampling_filter(inputs["logits"], o["temperature"], o["top_k"], o["top_p"])
-    up = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float64 else v)
-          for k, v in inputs.items()}
+    up = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
     out = make_call(case, "reference", up)()
-    return [out] if torch.is_tensor(out) else out
+    return [out] if torch.is_tensor(out) else list(out)
 
 
 def relative_error(outs, refs) -> float:
@@ -343,12 +358,21 @@ def check_sampler(case: Case, backend: str, inputs: dict[str, Any], kept: torch.
     return None
 
 
-def check_backend(case: Case, backend: str, inputs: dict[str, Any], refs, tol: float) -> tuple[str | None, float | None]:
-    """Run `backend` once and compare it with the reference: (None, error) when it matches,
-    (what is wrong, error) when it does not. Exceptions of the backend propagate."""
+def check_backend(case: Case, backend: str, inputs: dict[str, Any], refs, baseline) -> tuple[str | None, float | None]:
+    """Run `backend` once and compare it with the fp64 reference `refs` by the project's rule, with
+    `baseline` (from `tolerance`) as PyTorch's own error: (None, relative error) when it matches,
+    (what is wrong, relative error) when it does not. Exceptions of the backend propagate."""
+    from gptfast.testing import error_report
+
     if case.op == "sample":
         return check_sampler(case, backend, inputs, refs), None
-    err = relative_error(make_call(case, backend, inputs)(), refs)
-    if not err <= tol:  # `not <=` so that NaN fails too
-        return f"max error {err:.2e} of max|ref| > tolerance {tol:.1e}; not timed", err
+    outs = make_call(case, backend, inputs)()
+    outs = [outs] if torch.is_tensor(outs) else list(outs)
+    err = relative_error(outs, refs)
+    if len(outs) != len(refs):
+        return f"{len(outs)} outputs, the reference has {len(refs)}; not timed", err
+    for i, (o, r, b) in enumerate(zip(outs, refs, baseline)):
+        bad = error_report(o, r, b, what=f"output {i}")
+        if bad is not None:
+            return f"{bad} (tolerance: the fp64 rule); not timed", err
     return None, err
