@@ -140,13 +140,16 @@ def measure_read_bandwidth(device_type: str = "cpu", nbytes: int | None = None, 
     understates it), min_gbps, median_gbps, max_gbps, samples, method, buffer_mib, threads}.
 
     Why `.sum()`: PyTorch's fp32 sum reduces with several vector accumulators per thread and splits
-    the buffer across the intra-op threads, so at 2 threads it is bandwidth-bound, not add-bound:
-    on this project's 2-core Zen 4 VM (2026-11-25, interleaved, same moment) a hand-written
-    AVX-512 loop (4 independent accumulators, one contiguous half per OpenMP thread), an int32 `max`
-    of the same bytes and `.sum()` read at the same speed within the run's noise. A 256 MiB buffer
-    (8x the 32 MiB L3, the old bench's) is the minimum; 1 GiB also spreads the read over many
-    more pages. Memory bandwidth drifts on a shared VM (29-45 GB/s within 20 minutes seen here),
-    so `gptfast bench generate` measures it at the start and the end of its run and reports both.
+    the buffer across the intra-op threads, so at 2 threads it is bandwidth-bound, not add-bound.
+    Compared on this project's 2-core Zen 4 VM (2026-11-25, 1 GiB, 2 threads, interleaved calls,
+    best of 15): a hand-written AVX-512 loop (4 independent accumulators, one contiguous half per
+    OpenMP thread) 10.3 GB/s, an int32 `.max()` of the same bytes 11.4, `.sum()` 9.9, `aminmax`
+    and a (64, N) row sum alike -- all equal within the noise, so none is compute-limited. (Those
+    readings were taken while other jobs loaded the machine, hence far below the 29-55 GB/s it
+    reads when quiet; the comparison, not the level, is the point.) The old bench read 256 MiB
+    (8x the 32 MiB L3) once; 1 GiB spreads the read over many more pages. Memory bandwidth drifts
+    on a shared VM (29-45 GB/s within 20 minutes seen here), so `gptfast bench generate` measures
+    it at the start and the end of its run and reports both.
     """
     import statistics
 
