@@ -525,6 +525,21 @@ def _compiled_fns(model, device_type: str):
     return got
 
 
+def _check_step_logits(logits: torch.Tensor, step: int, seqs: list[list[int]], done: list[bool]) -> None:
+    """Refuse to sample from NaN / +inf / all -inf logits: say which step (0 = the logits of the
+    prompt pass) and which rows, at which position, produced them."""
+    bad = {r: what for r, what in ops.nonfinite_logit_rows(logits).items() if not done[r]}
+    if bad:
+        from gptfast.errors import NonFiniteError
+
+        rows = "; ".join(f"row {r} after {len(seqs[r])} tokens: {what}" for r, what in list(bad.items())[:8])
+        raise NonFiniteError(
+            f"generate: the model produced non-finite logits at step {step} "
+            f"({'the prompt pass' if step == 0 else f'decode step {step}'}) -- {rows}. "
+            "The weights or activations overflowed or hold NaN (try --dtype fp32, check the checkpoint)"
+        )
+
+
 def stream(
     model,
     prompts,
@@ -647,6 +662,8 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
         while not all(done):
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                _check_step_logits(logits, steps, seqs, done)
             if len(gens) == 1:
                 nxt = fns.sample(logits, float(temperature), top_k, top_p, gens[0])  # (B,)
             else:  # one generator per row: row b's draws do not depend on the rest of the batch

@@ -363,6 +363,10 @@ def sample(
     temperature: >= 0; 0 means greedy (argmax). top_k: keep the k most likely tokens (>= 1, or
     None). top_p: nucleus threshold in (0, 1] (or None). generator: a `torch.Generator` on the
     logits' device for reproducible draws. See `reference.sample` for the exact rule.
+
+    Non-finite logits (every backend): a row holding a NaN or +inf, or with no finite value (all
+    -inf), raises `gptfast.errors.NonFiniteError` (a ValueError) naming the rows; -inf alone bans
+    a token. See `check_logits`.
     """
     op = "sample"
     _check_tensor("logits", logits, op)
@@ -380,8 +384,45 @@ def sample(
         raise ValueError(
             f"{op}: generator must be on the logits' device {logits.device}, got {generator.device}"
         )
+    if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
+        check_logits(logits, op)
     fn = _impl(op, logits.device.type, backend, dtype=logits.dtype)
     return fn(logits, float(temperature), top_k, None if top_p is None else float(top_p), generator)
+
+
+def nonfinite_logit_rows(logits: torch.Tensor) -> dict[int, str]:
+    """{row: what is wrong} for the rows of (B, V) `logits` that `sample` refuses: a row holding a
+    NaN, a row holding +inf, or a row with no finite logit (all -inf). -inf alone is fine: it
+    bans a token (top-k / top-p / a grammar do that)."""
+    has_nan = torch.isnan(logits).any(-1)
+    has_pinf = torch.isposinf(logits).any(-1)
+    no_finite = ~torch.isfinite(logits).any(-1)
+    bad = (has_nan | has_pinf | no_finite).nonzero().flatten().tolist()
+    if not bad:
+        return {}
+    flags = torch.stack([has_nan, has_pinf, no_finite], -1)[bad].tolist()
+    out = {}
+    for row, (nan, pinf, none) in zip(bad, flags):
+        out[row] = ", ".join(w for w, f in (("NaN", nan), ("+inf", pinf), ("no finite logit", none)) if f)
+    return out
+
+
+def check_logits(logits: torch.Tensor, op: str = "sample") -> None:
+    """Raise `NonFiniteError` (a ValueError) naming the rows of `logits` that hold a NaN or +inf
+    or no finite value. Such logits come from a failing model; sampling from them would return
+    an arbitrary token (reference / native / triton each picked a different one) instead of
+    saying so. Rule for +inf: refused too (its softmax is NaN; there is no meaningful draw)."""
+    bad = nonfinite_logit_rows(logits)
+    if bad:
+        from gptfast.errors import NonFiniteError
+
+        rows = list(bad)
+        shown = "; ".join(f"row {r}: {bad[r]}" for r in rows[:8]) + ("; ..." if len(rows) > 8 else "")
+        raise NonFiniteError(
+            f"{op}: logits of shape {tuple(logits.shape)} have non-finite values in "
+            f"{len(rows)} row(s) {rows[:8]}{'...' if len(rows) > 8 else ''} ({shown}); "
+            "expected finite values or -inf (banned tokens) with at least one finite value per row"
+        )
 
 
 __all__ = [
@@ -389,10 +430,12 @@ __all__ = [
     "OPS",
     "BackendUnavailableError",
     "causal_attention",
+    "check_logits",
     "decode_attention",
     "explain",
     "gelu_mlp",
     "layer_norm",
+    "nonfinite_logit_rows",
     "requested_backend",
     "resolve",
     "sample",

@@ -6,6 +6,17 @@ and variance explicitly, sampling sorts the vocabulary. Reductions run in fp32 (
 dtype if wider) and results are cast back to the input dtype; autograd provides the backward.
 
 Shapes use B = batch, H = heads, T = sequence length, D = head dim, C = model width, V = vocab.
+
+Non-finite inputs (one contract for every backend; tests/test_nonfinite.py): for
+`causal_attention`, `layer_norm`, `gelu_mlp` and `decode_attention`, an output element is
+non-finite exactly where these functions' IEEE arithmetic (in fp64) makes it non-finite: a NaN or
++-inf in an input propagates and is never silently turned into a finite number, and finite outputs
+keep their values. Consequences worth knowing: a NaN or +-inf anywhere in a row of q (attention)
+or x (LayerNorm, MLP) makes that whole output row non-finite; a score row that is all -inf (e.g.
+a -inf in k against a positive q, as the only visible key) is NaN, not 0; a NaN in v poisons
+every row whose probabilities multiply it, including masked (probability 0) ones, because
+0 * NaN = NaN. Which of NaN / +-inf appears is not specified. `sample` refuses logits rows that
+hold a NaN or +inf or no finite value (`gptfast.ops.check_logits`); -inf bans a token.
 """
 
 from __future__ import annotations

@@ -16,8 +16,26 @@ def unsupported(op: str, **call) -> str | None:
     return None
 
 
+def _math_causal_attention(q, k, v, scale, dropout_p):
+    """softmax(q k^T * scale, causal) v written out, as the reference: IEEE propagation."""
+    T = q.shape[-2]
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ v
+
+
 def causal_attention(q, k, v, scale=None, dropout_p=0.0):
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    # NaN / inf contract (see gptfast.ops.reference). PyTorch's fused CPU kernel returns a finite
+    # row for a NaN query and for a row whose scores are all -inf or hold +inf (issue #19). On CPU
+    # (one pass over k, no device sync) a non-finite k takes the written-out formula; a non-finite
+    # q row is made NaN by one elementwise pass over q (no host sync, graph-safe).
+    if not q.is_cuda and not torch.compiler.is_compiling() and not bool(torch.isfinite(k).all()):
+        return _math_causal_attention(q, k, v, scale, dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    return out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
