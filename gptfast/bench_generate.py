@@ -235,7 +235,7 @@ def _llama_quiet(L):
     """A log callback that drops llama.cpp's load-time chatter (kept alive for the process)."""
     global _LLAMA_LOG_CB
     if _LLAMA_LOG_CB is None:
-        _LLAMA_LOG_CB = L.ggml_log_callback(lambda level, text, user: None)
+        _LLAMA_LOG_CB = L.llama_log_callback(lambda level, text, user: None)
     return _LLAMA_LOG_CB
 
 
