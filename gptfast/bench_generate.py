@@ -336,7 +336,8 @@ def benchmark_generate(
         if any(t not in known for t in got):
             raise ValueError(f"benchmark_generate: {name} must be a subset of {known}, got {got}")
     work = tempfile.TemporaryDirectory(prefix="gptfast-peers-") if peers else None
-    peer_cache: dict = {}  # (peer, format) -> runner or the reason it is unavailable
+    peer_cache: dict = {}  # (peer, format, batch) -> runner or the reason it is unavailable
+    hf_for_peers: list = []  # [(HF directory, token strings)] once written
 
     def row(B, backend, **kw):
         r = dict(op="generate", mode=f"{dtype} greedy", shape=shape_of(B), backend=backend, status="ok",
@@ -393,9 +394,9 @@ def benchmark_generate(
             wd = Path(work.name)
             try:
                 if name == "ctranslate2":
-                    if "hf" not in peer_cache:
-                        peer_cache["hf"] = _hf_dir_for_peers(model, wd / "hf")
-                    runner = CT2Peer(*peer_cache["hf"], wd, fmt, nthreads)
+                    if not hf_for_peers:
+                        hf_for_peers.append(_hf_dir_for_peers(model, wd / "hf"))
+                    runner = CT2Peer(*hf_for_peers[0], wd, fmt, nthreads)
                 else:
                     from gptfast.gguf import save_gguf
 

@@ -141,3 +141,23 @@ def test_llama_cpp_peer_batched_greedy_equals_gptfast():
             assert peer.generate(prompts[:1], 12) == want[:1]  # the cache is cleared between calls
         finally:
             peer.close()
+
+
+@pytest.mark.slow
+def test_bench_rows_with_both_peers():
+    """Both peers through `benchmark_generate` at two batch sizes (llama.cpp opt-in)."""
+    pytest.importorskip("llama_cpp", reason="opt-in peer: pip install 'gptfast[peers]'")
+    rows = benchmark_generate("gpt2", n_layer=1, batch_sizes=(1, 2), prompt_len=4, new_tokens=4, backends=("torch",),
+                              threads=None, include_hf=False, include_reference=False,
+                              ct2_types=("int8",), gguf_types=("f32", "q8_0"), read_bw_bytes=16 << 20)
+    for B in (1, 2):
+        by = {r["backend"]: r for r in rows if r["batch"] == B}
+        for k in ("ctranslate2 int8", "llama.cpp f32", "llama.cpp q8_0"):
+            assert by[k]["status"] == "ok" and by[k]["tokens_per_s"] > 0, by[k]
+        assert "our GGUF f32" in by["llama.cpp f32"]["reason"]
+    # the tiny preset's 65-character vocabulary cannot go to GGUF: a row with the reason
+    rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=4, backends=("torch",), threads=None,
+                              include_hf=False, include_reference=False, peers=("llama.cpp",), gguf_types=("f32",),
+                              read_bw_bytes=16 << 20)
+    r = next(r for r in rows if r["backend"] == "llama.cpp f32")
+    assert r["status"] == "unavailable" and "vocab_size is 65, expected >= 50257" in r["reason"]
