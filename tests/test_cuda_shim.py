@@ -233,3 +233,80 @@ def test_kernels_on_cpu_full_sweep(builds, driver):
 def test_kernels_other_schedules(builds, driver, schedule):
     ok, out = run_driver(builds / "plain" / driver, "small", {"CUDASHIM_SCHEDULE": schedule})
     assert ok, f"{driver} under CUDASHIM_SCHEDULE={schedule} failed:\n{_failures(out)}"
+
+
+# ---------------------------------------------------------------------------- slow: planted bugs
+#
+# Each plant is one textual change to the translated copy of a kernel file (line count kept, so shim
+# reports still point at the right lines); the suite must catch it in at least one mode. The modes
+# are the default run's (driver shape sets as above). Which mode caught which is printed (run with
+# -s to see the table).
+
+PLANTS = {
+    # name: (file, driver, old text, new text[, which occurrence of old, 0-based])
+    "barrier removed (attention fwd, after the K/V tile load)": (
+        "attention.cu", "attention",
+        "    __syncthreads();\n\n    // The tile is consumed", "    ;\n\n    // The tile is consumed"),
+    "barrier removed (layer-norm dW/dB reduce, before lane sums)": (
+        "layer_norm.cu", "layer_norm",
+        "  sb[threadIdx.y][threadIdx.x] = b;\n  __syncthreads();", "  sb[threadIdx.y][threadIdx.x] = b;\n  ;"),
+    "off-by-one loop bound (layer-norm fwd mean pass: i <= nvec)": (
+        "layer_norm.cu", "layer_norm",
+        "  float sum = 0.f, unused = 0.f;\n  for (int64_t i = threadIdx.x; i < nvec;",
+        "  float sum = 0.f, unused = 0.f;\n  for (int64_t i = threadIdx.x; i <= nvec;"),
+    "off-by-one loop bound (decode combine: s <= S)": (
+        "decode_attention.cu", "decode_attention",
+        "for (int s = 0; s < S; ++s) M = fmaxf", "for (int s = 0; s <= S; ++s) M = fmaxf"),
+    "partial K/V tile loaded without its bounds check (attention fwd)": (
+        "attention.cu", "attention",
+        "      const bool ok = key < keys.end;\n      ks[idx]", "      const bool ok = true;\n      ks[idx]", 0),
+    "causal mask shifted by one (attention fwd: key <= row + 1)": (
+        "attention.cu", "attention",
+        "sc[j] = (key <= row && key < keys.end)", "sc[j] = (key <= row + 1 && key < keys.end)"),
+    "return before a block reduction (layer-norm fwd)": (
+        "layer_norm.cu", "layer_norm",
+        "  block_sum2(sum, unused, scratch);\n  const float mean",
+        "  if (threadIdx.x * VEC >= N) return; block_sum2(sum, unused, scratch);\n  const float mean"),
+    "decode split reads past cache_lens (tile load bound T_max instead of the length)": (
+        "decode_attention.cu", "decode_attention",
+        "      const bool ok = key < end;", "      const bool ok = key < T_max;"),
+    "top-k boundary ties dropped (sampling: x > kth)": (
+        "sampling.cu", "sample",
+        "    if (x >= kth) z += double(expf(x - m));", "    if (x > kth) z += double(expf(x - m));"),
+}
+
+
+def plant(gen: Path, name: str) -> None:
+    file, _, old, new, *which = PLANTS[name]
+    p = gen / file
+    text = p.read_text()
+    if which:  # the anchor occurs more than once: plant at the given occurrence
+        at = -1
+        for _ in range(which[0] + 1):
+            at = text.find(old, at + 1)
+            assert at >= 0, f"plant {name!r}: occurrence {which[0]} of its anchor not found in {file}"
+    else:
+        assert text.count(old) == 1, f"plant {name!r}: its anchor text occurs {text.count(old)} times in {file}"
+        at = text.find(old)
+    assert old.count("\n") == new.count("\n")
+    p.write_text(text[:at] + new + text[at + len(old):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PLANTS))
+def test_planted_bug_is_caught(tmp_path, name):
+    file, driver = PLANTS[name][:2]
+    gen = translate(tmp_path / "gen")
+    plant(gen, name)
+    out = build(gen, list(FLAVORS), drivers=[driver], cache=False)
+    caught = {}
+    for mode, (flavor, level, env) in MODES.items():
+        ok, log = run_driver(out / flavor / driver, level, {**SAN_ENV.get(flavor, {}), **env}, timeout=300)
+        if not ok:
+            first = next((ln for ln in log.splitlines() if ln.startswith("FAIL") or "ERROR" in ln or "cudashim" in ln
+                          or "runtime error" in ln), log.strip().splitlines()[-1] if log.strip() else "")
+            caught[mode] = first[:200]
+    print(f"\nPLANTED [{name}] caught by: {', '.join(caught) or 'NONE'}")
+    for mode, first in caught.items():
+        print(f"    {mode}: {first}")
+    assert caught, f"planted bug {name!r} in {file} went undetected in every mode"
