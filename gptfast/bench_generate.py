@@ -174,8 +174,8 @@ class LlamaCppPeer:
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
         cp = L.llama_context_default_params()
-        cp.n_ctx = n_seq * n_ctx_seq
-        cp.n_batch = cp.n_ubatch = max(cp.n_ctx, 512)
+        cp.n_ctx = n_seq * n_ctx_seq  # not unified: each sequence gets its own n_ctx_seq cells
+        cp.n_batch = cp.n_ubatch = min(cp.n_ctx, 512)  # the prompts go in one decode call
         cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = threads
         self.ctx = L.llama_init_from_model(self.model, cp)
