@@ -39,7 +39,8 @@ of 32 values; a block stores d = max|x| / 127 as fp16 followed by 32 int8 q = ro
 (round half away from zero, computed as x * (1/d) in fp32; d = 0 gives q = 0); dequantised,
 x' = q * fp16(d). `quantize_q8_0` below is that reference, bit for bit.
 
-What llama.cpp's `gpt2` graph cannot represent is refused with a ValueError: an exact-erf GELU
+What llama.cpp's `gpt2` graph cannot represent is refused with a `GGUFExportError` (a ValueError and a
+`gptfast.errors.UserError`): an exact-erf GELU
 (`config.activation == "gelu"`; ggml's `gpt2` graph uses the tanh form) and vocabularies other than
 GPT-2 BPE (llama.cpp has no character-level tokenizer: written as byte-level BPE, a character
 vocabulary would make llama.cpp take token 11 for end-of-text, its BPE default). A model without
@@ -57,7 +58,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["GGUF_DTYPES", "QK8_0", "dequantize_q8_0", "gguf_tensor_map", "quantize_q8_0", "save_gguf"]
+from gptfast.errors import UserError
+
+__all__ = ["GGUF_DTYPES", "QK8_0", "GGUFExportError", "dequantize_q8_0", "gguf_tensor_map", "quantize_q8_0",
+           "save_gguf"]
+
+
+class GGUFExportError(UserError, ValueError):
+    """A model, tokenizer or argument GGUF / llama.cpp cannot take (the CLI prints it as one line)."""
+
+
+class GGUFDependencyError(UserError, ImportError):
+    """The `gguf` package is not installed."""
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 QK8_0 = 32  # values per q8_0 block (ggml-common.h)
@@ -69,7 +81,7 @@ def _require_gguf():
     try:
         import gguf
     except ImportError as e:
-        raise ImportError("GGUF export needs the `gguf` package: pip install 'gptfast[gguf]' "
+        raise GGUFDependencyError("GGUF export needs the `gguf` package: pip install 'gptfast[gguf]' "
                           f"(or pip install gguf) ({e})") from None
     return gguf
 
@@ -89,9 +101,9 @@ def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d (..., nb) fp16 scales, q (..., nb, 32) int8) of `x` (..., K), K a multiple of 32,
     quantised block-wise along the last axis as ggml's `quantize_row_q8_0_ref`."""
     if x.shape[-1] % QK8_0 != 0:
-        raise ValueError(f"quantize_q8_0: the last dimension must be a multiple of {QK8_0}, got shape {tuple(x.shape)}")
+        raise GGUFExportError(f"quantize_q8_0: the last dimension must be a multiple of {QK8_0}, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
-        raise ValueError("quantize_q8_0: x holds NaN or inf values, which q8_0 cannot represent")
+        raise GGUFExportError("quantize_q8_0: x holds NaN or inf values, which q8_0 cannot represent")
     blocks = x.detach().to(torch.float32).reshape(*x.shape[:-1], -1, QK8_0)
     d = blocks.abs().amax(dim=-1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
@@ -152,13 +164,13 @@ def _check_model(model) -> None:
     c = model.config
     act = getattr(c, "activation", None)
     if act not in _TANH_GELU:
-        raise ValueError(f"save_gguf: config.activation {act!r} cannot be exported: llama.cpp's gpt2 architecture "
+        raise GGUFExportError(f"save_gguf: config.activation {act!r} cannot be exported: llama.cpp's gpt2 architecture "
                          "computes the tanh-approximation GELU (expected 'gelu_tanh'); an exact-erf GELU model "
                          "would run as a different function there")
     # The embedding and the head must have the shapes llama.cpp derives from the metadata.
     for name, w in gguf_tensor_map(model):
         if not torch.isfinite(w).all():
-            raise ValueError(f"save_gguf: tensor {name} holds NaN or inf values")
+            raise GGUFExportError(f"save_gguf: tensor {name} holds NaN or inf values")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -178,7 +190,7 @@ def _gpt2_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     enc = json.loads(encoder_json.read_text(encoding="utf-8"))
     by_id = {i: s for s, i in enc.items()}
     if sorted(by_id) != list(range(GPT2_VOCAB_SIZE)):  # pragma: no cover - hash-checked above
-        raise ValueError(f"{encoder_json}: expected ids 0..{GPT2_VOCAB_SIZE - 1}")
+        raise GGUFExportError(f"{encoder_json}: expected ids 0..{GPT2_VOCAB_SIZE - 1}")
     tokens = [by_id[i] for i in range(GPT2_VOCAB_SIZE)]
     types = [int(gguf.TokenType.NORMAL)] * GPT2_VOCAB_SIZE
     types[GPT2_EOT_ID] = int(gguf.TokenType.CONTROL)
@@ -189,7 +201,7 @@ def _gpt2_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     # Line 0 is the "#version: 0.2" header; merges may start with "#" themselves ("# #", "#  #", ...).
     merges = [ln for ln in lines[1:] if ln]
     if len(merges) != GPT2_VOCAB_SIZE - 256 - 1:  # pragma: no cover - hash-checked above
-        raise ValueError(f"{vocab_bpe}: expected {GPT2_VOCAB_SIZE - 257} merges, got {len(merges)}")
+        raise GGUFExportError(f"{vocab_bpe}: expected {GPT2_VOCAB_SIZE - 257} merges, got {len(merges)}")
     return tokens, types, merges
 
 
@@ -198,12 +210,12 @@ def _check_tokenizer(model, tokenizer) -> None:
 
     v = model.config.vocab_size
     if tokenizer is not None and not isinstance(tokenizer, GPT2Tokenizer):
-        raise ValueError(
+        raise GGUFExportError(
             f"save_gguf: tokenizer {type(tokenizer).__name__} cannot be written to GGUF; expected the GPT-2 BPE "
             "(gptfast.tokenizers.GPT2Tokenizer) or None. llama.cpp has no character-level tokenizer (as byte-level "
             "BPE a character vocabulary would make llama.cpp read token 11 as end-of-text)")
     if v < GPT2_VOCAB_SIZE:
-        raise ValueError(f"save_gguf: the model's vocab_size is {v}, expected >= {GPT2_VOCAB_SIZE} (GPT-2 BPE, "
+        raise GGUFExportError(f"save_gguf: the model's vocab_size is {v}, expected >= {GPT2_VOCAB_SIZE} (GPT-2 BPE, "
                          "the one vocabulary llama.cpp's gpt2 architecture can tokenize for gptfast models)")
 
 
@@ -222,13 +234,13 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
     import numpy as np
 
     if dtype not in GGUF_DTYPES:
-        raise ValueError(f"save_gguf: dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+        raise GGUFExportError(f"save_gguf: dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     _check_model(model)
     _check_tokenizer(model, tokenizer)
     c = model.config
     path = Path(path).absolute()
     if path.is_dir():
-        raise ValueError(f"save_gguf: path {path} is a directory, expected a file name (e.g. model.gguf)")
+        raise GGUFExportError(f"save_gguf: path {path} is a directory, expected a file name (e.g. model.gguf)")
     path.parent.mkdir(parents=True, exist_ok=True)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]

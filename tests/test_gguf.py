@@ -158,8 +158,11 @@ def test_untied_head_and_no_bias(tmp_path):
 
 def test_refusals(tiny, tmp_path):
     out = tmp_path / "m.gguf"
-    with pytest.raises(ValueError, match="dtype must be one of f32, f16, bf16, q8_0, got 'q4_0'"):
+    from gptfast.errors import UserError
+
+    with pytest.raises(ValueError, match="dtype must be one of f32, f16, bf16, q8_0, got 'q4_0'") as e:
         save_gguf(tiny, out, dtype="q4_0")
+    assert isinstance(e.value, UserError)  # the CLI prints it as one line
     with pytest.raises(ValueError, match="CharTokenizer cannot be written"):
         save_gguf(tiny, out, tokenizer=CharTokenizer("ab"))
     with pytest.raises(ValueError, match="vocab_size is 65, expected >= 50257"):
