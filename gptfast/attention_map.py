@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gptfast.ops import reference
+from gptfast.errors import InputError
 
 
 @torch.no_grad()
@@ -41,18 +42,18 @@ def attention_probs(model, idx: torch.Tensor, layer: int | None = None) -> torch
     if idx.dim() == 1:
         idx = idx.unsqueeze(0)
     if idx.dim() != 2:
-        raise ValueError(f"attention_probs: idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        raise InputError(f"attention_probs: idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
     blocks = model.transformer.h
     n_layer = len(blocks)
     if layer is not None:
         if not isinstance(layer, int) or not -n_layer <= layer < n_layer:
-            raise ValueError(f"attention_probs: layer must be an int in [{-n_layer}, {n_layer - 1}], got {layer!r}")
+            raise InputError(f"attention_probs: layer must be an int in [{-n_layer}, {n_layer - 1}], got {layer!r}")
         layer %= n_layer
     B, T = idx.shape
     if T > model.config.block_size:
-        raise ValueError(f"attention_probs: sequence length {T} exceeds the block size {model.config.block_size}")
+        raise InputError(f"attention_probs: sequence length {T} exceeds the block size {model.config.block_size}")
     if T == 0:
-        raise ValueError("attention_probs: idx holds no tokens")
+        raise InputError("attention_probs: idx holds no tokens")
     was_training = model.training
     model.eval()
     try:

@@ -1,19 +1,35 @@
 """`gptfast` command line: generate, info, train, perplexity, bench, attention-map.
 
 Each subcommand has an `_add_<name>` function that declares its arguments and a `cmd_<name>`
-function that runs it. User errors (missing file, bad preset, unknown character, ...) print one
-line `gptfast: error: ...` and exit with status 2; set GPTFAST_DEBUG=1 to see the traceback.
+function that runs it. User errors -- a `gptfast.errors.UserError`, raised on purpose (missing
+file, bad preset, unknown character, ...) -- print one line `gptfast: error: ...` and exit with
+status 2, with nothing written to stdout first; set GPTFAST_DEBUG=1 to see their traceback. Any
+other exception is a bug in gptfast: it keeps its traceback, followed by how to report it (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
+from gptfast.errors import UsageError, UserError
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, no traceback."""
+REPORT_BUG = ("gptfast: internal error -- this is a bug in gptfast, not a problem with your input. "
+              "Please report it on the gptfast issue tracker with the command line, the traceback above "
+              "and the output of `gptfast info`.")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default: "(default: X)" is added to each help line that does not
+    already say its default in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -93,11 +109,12 @@ def _add_generate(sub) -> None:
     prm = p.add_mutually_exclusive_group()
     prm.add_argument("--prompt", default=None, help="prompt text; '-' reads stdin (default: a newline)")
     prm.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens generated per sample")
     p.add_argument("--num-samples", type=int, default=1, help="samples generated as one batch")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (None = all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this total probability (None = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="CTRL repetition penalty (> 1 discourages repeats; 1 = off)")
     p.add_argument("--seed", type=int, default=None,
@@ -122,7 +139,10 @@ def _read_prompt(args) -> str:
             with open(args.prompt_file, encoding="utf-8") as f:
                 return f.read()
         except OSError as e:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                             f"at offset {e.start})") from None
     if args.prompt == "-":
         return sys.stdin.read()
     return "\n" if args.prompt is None else args.prompt
@@ -148,7 +168,8 @@ def cmd_generate(args) -> int:
     checks = [
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
         (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (math.isfinite(args.temperature) and args.temperature >= 0,
+         f"--temperature must be a finite number >= 0, got {args.temperature}"),
         (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {args.repetition_penalty}"),
@@ -187,6 +208,14 @@ def cmd_generate(args) -> int:
         eot_token=tokenizer.eot_token, overflow=args.overflow, dtype=dtype, compile=args.compile,
         stats=stats, weight_dtype=args.weight_dtype,
     )
+    # Run the setup and the first step before anything is printed: a bad request (an overflow
+    # with --overflow error, an unavailable backend, non-finite logits) fails with nothing on stdout.
+    steps = iter(steps)
+    first = next(steps, None)
+    if first is not None:
+        import itertools
+
+        steps = itertools.chain([first], steps)
     out = sys.stdout
     if n == 1:
         # Stream: print what the decoded text gained since the last token. A byte-level BPE token
@@ -237,7 +266,7 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="config, parameter count and op backends")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="any checkpoint `gptfast generate --checkpoint` accepts")
-    src.add_argument("--preset")
+    src.add_argument("--preset", help="a preset name (random weights)")
     p.add_argument("--device", default="cpu", help="device type to resolve backends for")
     p.set_defaults(func=cmd_info)
 
@@ -281,13 +310,7 @@ def _add_train(sub) -> None:
 def cmd_train(args) -> int:
     from gptfast import train
 
-    try:
-        return train.main(args)
-    except (RuntimeError, FloatingPointError) as e:
-        # matplotlib missing, diverged loss, backend unavailable: one line, not a traceback
-        if os.environ.get("GPTFAST_DEBUG") == "1":
-            raise
-        raise UserError(str(e).splitlines()[0]) from None
+    return train.main(args)
 
 
 def _add_perplexity(sub) -> None:
@@ -378,8 +401,16 @@ def _not_yet(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptfast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="gptfast", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_parser = sub.add_parser
+
+    def add_parser(*a, **kw):  # every subcommand's --help lists the defaults
+        kw.setdefault("formatter_class", _HelpFormatter)
+        return _add_parser(*a, **kw)
+
+    sub.add_parser = add_parser
     for add in (_add_generate, _add_info, _add_train, _add_perplexity, _add_bench, _add_attention_map,
                 _add_export_gguf):
         add(sub)
@@ -391,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
+    except UserError as e:
         if os.environ.get("GPTFAST_DEBUG") == "1":
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
         print(f"gptfast: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -402,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `gptfast info | head`: the reader left, not an error of ours
         sys.stderr.close()
         return 0
+    except Exception:  # noqa: BLE001 - anything else is our bug: keep the traceback, say so
+        import traceback
+
+        traceback.print_exc()
+        print(REPORT_BUG, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gptfast.errors import InputError
+
 
 @dataclass
 class GPTConfig:
@@ -31,13 +33,13 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise InputError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
+            raise InputError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         if self.qkv_bias is None:
@@ -50,7 +52,7 @@ class GPTConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
         """Build a config from a preset name (see `PRESETS`), with optional field overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+            raise InputError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
         kwargs = dict(PRESETS[name])
         kwargs.update(overrides)
         return cls.from_dict(kwargs)
@@ -61,7 +63,7 @@ class GPTConfig:
         init_names = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(d) - init_names - {"head_dim"})
         if unknown:
-            raise ValueError(f"GPTConfig: unknown field(s) {unknown}; known: {sorted(init_names)}")
+            raise InputError(f"GPTConfig: unknown field(s) {unknown}; known: {sorted(init_names)}")
         return cls(**{k: v for k, v in d.items() if k in init_names})
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .tokenizers import CharTokenizer, Tokenizer
+from gptfast.errors import InputError, MissingFileError
 
 __all__ = [
     "load_text",
@@ -51,7 +52,7 @@ IdsLike = Sequence[int] | np.ndarray | torch.Tensor
 def _read_bytes(path: str | os.PathLike) -> bytes:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"text file not found: {path}")
+        raise MissingFileError(f"text file not found: {path}")
     if not path.is_file():
         raise IsADirectoryError(f"expected a text file, got a directory: {path}")
     return path.read_bytes()
@@ -59,11 +60,11 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 
 def _decode_text(data: bytes, path: str | os.PathLike) -> str:
     if not data:
-        raise ValueError(f"text file is empty: {path}")
+        raise InputError(f"text file is empty: {path}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file is not valid UTF-8: {path} ({e})") from e
+        raise InputError(f"text file is not valid UTF-8: {path} ({e})") from e
 
 
 def load_text(path: str | os.PathLike) -> str:
@@ -208,7 +209,7 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer,
     ids_list = tokenizer.encode(text)
     ids = np.asarray(ids_list, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 2**16):
-        raise ValueError(f"encode_file: token ids outside [0, 65536) from {tokenizer!r}; cannot cache as uint16")
+        raise InputError(f"encode_file: token ids outside [0, 65536) from {tokenizer!r}; cannot cache as uint16")
     ids = ids.astype(np.uint16)
     meta = {"sha256": sha256, "tokenizer": tok_dict, "num_tokens": int(ids.shape[0]), "dtype": "uint16"}
 
@@ -239,7 +240,7 @@ def _as_1d_array(ids: IdsLike, name: str) -> np.ndarray:
         ids = ids.detach().cpu().numpy()
     arr = np.asarray(ids)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise InputError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
     if arr.size == 0:
@@ -255,7 +256,7 @@ def train_val_split(ids: IdsLike, train_frac: float = 0.9) -> tuple[np.ndarray, 
     ``len(train) == int(len(ids) * train_frac)``.
     """
     if not 0.0 < train_frac < 1.0:
-        raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
+        raise InputError(f"train_frac must be in (0, 1), got {train_frac}")
     arr = _as_1d_array(ids, "ids")
     n = int(len(arr) * train_frac)
     return arr[:n], arr[n:]
@@ -263,7 +264,7 @@ def train_val_split(ids: IdsLike, train_frac: float = 0.9) -> tuple[np.ndarray, 
 
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -296,14 +297,14 @@ class BatchSampler:
         self.data = {"train": _as_1d_array(train_ids, "train_ids"), "val": _as_1d_array(val_ids, "val_ids")}
         for split, arr in self.data.items():
             if len(arr) <= self.block_size:
-                raise ValueError(
+                raise InputError(
                     f"the {split} split has {len(arr)} tokens, too few for one block of "
                     f"block_size={self.block_size} (need at least {self.block_size + 1}: "
                     "the inputs plus one shifted target)"
                 )
         self.device = torch.device(device)
         if generator is not None and seed is not None:
-            raise ValueError("pass either generator or seed to BatchSampler, not both")
+            raise InputError("pass either generator or seed to BatchSampler, not both")
         if generator is None:
             generator = torch.Generator()
             if seed is None:
@@ -311,7 +312,7 @@ class BatchSampler:
             else:
                 generator.manual_seed(int(seed))
         elif generator.device.type != "cpu":
-            raise ValueError(f"BatchSampler needs a CPU torch.Generator, got one on {generator.device}")
+            raise InputError(f"BatchSampler needs a CPU torch.Generator, got one on {generator.device}")
         self.generator = generator
         # Offsets 0..block_size inclusive: one extra column gives the shifted targets.
         self._window = np.arange(self.block_size + 1, dtype=np.int64)
@@ -324,7 +325,7 @@ class BatchSampler:
             ``self.device``; ``y`` is ``x`` shifted left by one token.
         """
         if split not in self.SPLITS:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise InputError(f"split must be 'train' or 'val', got {split!r}")
         data = self.data[split]
         starts = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
         # One fancy-index gather of (B, T+1) tokens: touches only the sampled windows, which
@@ -350,7 +351,7 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or "generator" not in state:
-            raise ValueError("BatchSampler.load_state_dict: expected a dict with a 'generator' key "
+            raise InputError("BatchSampler.load_state_dict: expected a dict with a 'generator' key "
                              "(from BatchSampler.state_dict())")
         gen_state = state["generator"]
         if not isinstance(gen_state, torch.Tensor):  # e.g. after a JSON round trip as a list
@@ -378,7 +379,7 @@ class SlidingWindowDataset(Dataset):
         self.stride = _check_positive_int("stride", stride)
         arr = _as_1d_array(ids, "ids")
         if len(arr) <= self.max_length:
-            raise ValueError(
+            raise InputError(
                 f"SlidingWindowDataset: {len(arr)} tokens are too few for one sample of "
                 f"max_length={self.max_length} (need at least {self.max_length + 1})"
             )

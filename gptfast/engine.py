@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import ops
+from gptfast.errors import InputError
 
 # ----------------------------------------------------------------------------- decode weights
 
@@ -437,19 +438,19 @@ class Step:
 def _as_prompt_lists(prompts) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.dtype != torch.long:
-            raise ValueError(
+            raise InputError(
                 f"generate: prompts tensor must be (B, T) int64, got {prompts.dtype} {tuple(prompts.shape)}"
             )
         return prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"generate: prompts must be a non-empty list of token-id lists or a (B, T) tensor, "
+        raise InputError(f"generate: prompts must be a non-empty list of token-id lists or a (B, T) tensor, "
                          f"got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, torch.Tensor):
             p = p.tolist()
         if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise ValueError(f"generate: prompts[{i}] must be a list of ints, got {p!r:.80}")
+            raise InputError(f"generate: prompts[{i}] must be a list of ints, got {p!r:.80}")
         out.append(list(p))
     return out
 
@@ -457,23 +458,23 @@ def _as_prompt_lists(prompts) -> list[list[int]]:
 def _per_row(value, B: int, name: str) -> list[int]:
     vals = [value] * B if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(vals, (list, tuple)) or len(vals) != B:
-        raise ValueError(f"generate: {name} must be an int or a list of {B} ints, got {value!r}")
+        raise InputError(f"generate: {name} must be an int or a list of {B} ints, got {value!r}")
     for v in vals:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"generate: {name} must be int(s) >= 0, got {value!r}")
+            raise InputError(f"generate: {name} must be int(s) >= 0, got {value!r}")
     return list(vals)
 
 
 def _check_sampling(temperature, top_k, top_p, repetition_penalty) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
+        raise InputError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        raise InputError(f"generate: top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
+        raise InputError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
     if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
-        raise ValueError(f"generate: repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
+        raise InputError(f"generate: repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -488,9 +489,9 @@ def _as_weight_dtype(weight_dtype, dtype: torch.dtype, device_type: str) -> torc
     if wd == dtype:
         return None
     if wd != torch.bfloat16:
-        raise ValueError(f"generate: weight_dtype must be None, 'bf16' or the activation dtype, got {weight_dtype!r}")
+        raise InputError(f"generate: weight_dtype must be None, 'bf16' or the activation dtype, got {weight_dtype!r}")
     if device_type != "cpu" or dtype != torch.float32:
-        raise ValueError(f"generate: weight_dtype='bf16' (bf16 weights, fp32 math) is a CPU fp32 option, got device "
+        raise InputError(f"generate: weight_dtype='bf16' (bf16 weights, fp32 math) is a CPU fp32 option, got device "
                          f"{device_type} with dtype {dtype}; on CUDA pass dtype='bf16'")
     return wd
 
@@ -500,7 +501,7 @@ def _as_dtype(dtype) -> torch.dtype | None:
         return dtype
     if dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"generate: dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+    raise InputError(f"generate: dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
 
 
 class _Compiled:
@@ -573,23 +574,23 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
     cfg = model.config
     for i, p in enumerate(rows_tokens):
         if not p:
-            raise ValueError(f"generate: prompts[{i}] is empty; every prompt needs at least one token")
+            raise InputError(f"generate: prompts[{i}] is empty; every prompt needs at least one token")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise ValueError(f"generate: prompts[{i}] holds token id {bad[0]} outside [0, {cfg.vocab_size})")
+            raise InputError(f"generate: prompts[{i}] holds token id {bad[0]} outside [0, {cfg.vocab_size})")
     n_new = _per_row(max_new_tokens, B, "max_new_tokens")
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     if overflow not in ("slide", "error"):
-        raise ValueError(f"generate: overflow must be 'slide' or 'error', got {overflow!r}")
+        raise InputError(f"generate: overflow must be 'slide' or 'error', got {overflow!r}")
     if eot_token is not None and not (isinstance(eot_token, int) and 0 <= eot_token < cfg.vocab_size):
-        raise ValueError(f"generate: eot_token must be a token id in [0, {cfg.vocab_size}) or None, got {eot_token!r}")
+        raise InputError(f"generate: eot_token must be a token id in [0, {cfg.vocab_size}) or None, got {eot_token!r}")
     device = model.transformer.wte.weight.device
     gens: list[torch.Generator | None]
     if generator is not None and seed is not None:
-        raise ValueError("generate: pass either seed or generator, not both")
+        raise InputError("generate: pass either seed or generator, not both")
     if isinstance(seed, (list, tuple)):
         if len(seed) != B:
-            raise ValueError(f"generate: seed list must have one seed per prompt ({B}), got {len(seed)}")
+            raise InputError(f"generate: seed list must have one seed per prompt ({B}), got {len(seed)}")
         gens = []
         for s in seed:
             g = torch.Generator(device=device)
@@ -597,7 +598,7 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
             gens.append(g)
     elif seed is not None:
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"generate: seed must be an int, a list of ints or None, got {seed!r}")
+            raise InputError(f"generate: seed must be an int, a list of ints or None, got {seed!r}")
         g = torch.Generator(device=device)
         g.manual_seed(seed)
         gens = [g]
@@ -608,7 +609,7 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
     need = max(p + n - 1 for p, n in zip(P, n_new))  # positions fed to the model, per the longest row
     if overflow == "error" and need > bs:
         b = max(range(B), key=lambda i: P[i] + n_new[i])
-        raise ValueError(
+        raise InputError(
             f"generate: prompt length {P[b]} + max_new_tokens {n_new[b]} needs {P[b] + n_new[b] - 1} "
             f"positions, more than the model's block_size {bs}; shorten the prompt or pass overflow='slide'"
         )
@@ -619,7 +620,7 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_p
                       device.type, wdtype, D, cfg.n_embd)
     fns.skinny, fns.skinny_max_m = _skinny_for(fns, device.type, wdtype)
     if mdtype is not None and fns.skinny is None:
-        raise ValueError(f"generate: weight_dtype='bf16' needs the native CPU kernels (they read bf16 weights); "
+        raise InputError(f"generate: weight_dtype='bf16' needs the native CPU kernels (they read bf16 weights); "
                          f"the ops resolved to {fns.names}")
     # With the skinny kernel the (out, in) nn.Linear weights are what decoding wants: no copies
     # (the prompt pass, a real GEMM, runs as fast on transposed views).
@@ -800,11 +801,11 @@ def generate_tensor(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
     `generate_reference`, which stops once every row has finished).
     """
     if idx.dim() != 2 or idx.dtype != torch.long:
-        raise ValueError(f"generate: idx must be (B, T) int64, got {idx.dtype} {tuple(idx.shape)}")
+        raise InputError(f"generate: idx must be (B, T) int64, got {idx.dtype} {tuple(idx.shape)}")
     if idx.shape[1] == 0:
-        raise ValueError("generate: idx must hold at least one token per row (got T=0)")
+        raise InputError("generate: idx must hold at least one token per row (got T=0)")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise InputError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     rows = generate(model, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
     n = max(len(r) for r in rows)
     eot = kwargs.get("eot_token")

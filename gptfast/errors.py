@@ -15,20 +15,35 @@ class UserError(Exception):
     """An error in what the user asked for (a file, a field, a flag): printed as one line."""
 
 
-class UsageError(UserError, ValueError):
+class InputError(UserError, ValueError):
+    """A value the user gave is invalid: a flag, a config field, a prompt character, an argument
+    of a public function. What gptfast raises on purpose instead of a bare ValueError."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist."""
+
+
+class UsageError(InputError):
     """A bad command-line value or argument combination."""
 
 
-class InputFileError(UserError, ValueError):
-    """A file the user named is missing, unreadable, not UTF-8, empty or too short."""
+class InputFileError(InputError):
+    """A file the user named is unreadable, not UTF-8, empty or too short."""
 
 
-class OutDirError(UserError, ValueError):
+class OutDirError(InputError):
     """An output directory that cannot hold a checkpoint (a file, not writable, ...)."""
 
 
-class NonFiniteError(UserError, ValueError):
-    """A model produced NaN / inf where a number was needed (logits, loss)."""
+class MissingDependencyError(UserError, RuntimeError):
+    """An optional package a requested feature needs is not installed (matplotlib, triton, ...)."""
 
 
-__all__ = ["InputFileError", "NonFiniteError", "OutDirError", "UsageError", "UserError"]
+class NonFiniteError(InputError):
+    """A model produced NaN / inf where a number was needed (logits): the checkpoint or the
+    numerics (dtype) are at fault, not gptfast."""
+
+
+__all__ = ["InputError", "InputFileError", "MissingDependencyError", "MissingFileError", "NonFiniteError",
+           "OutDirError", "UsageError", "UserError"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from gptfast import ops
+from gptfast.errors import InputError
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -40,11 +41,11 @@ def generate_reference(
     Returns (B, T + n) with n <= max_new_tokens.
     """
     if idx.dim() != 2 or idx.dtype != torch.long:
-        raise ValueError(f"generate: idx must be (B, T) int64, got {idx.dtype} {tuple(idx.shape)}")
+        raise InputError(f"generate: idx must be (B, T) int64, got {idx.dtype} {tuple(idx.shape)}")
     if idx.shape[1] == 0:
-        raise ValueError("generate: idx must hold at least one token per row (got T=0)")
+        raise InputError("generate: idx must hold at least one token per row (got T=0)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise InputError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if generator is None:
         generator = make_generator(seed, idx.device)
     block_size = model.config.block_size

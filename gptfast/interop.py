@@ -49,6 +49,7 @@ import torch
 # CheckpointError (a ValueError): one class for every unreadable / unsafe / unsupported checkpoint.
 from gptfast.checkpoint import META_NAME, CheckpointError, load_checkpoint
 from gptfast.config import GPTConfig
+from gptfast.errors import InputError, MissingFileError
 from gptfast.model import GPT, LayerNorm
 
 # Hub names accepted for download, with the repository that holds them today.
@@ -84,7 +85,8 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"plain containers, and gptfast never unpickles arbitrary objects (they can run code). "
             f"Re-save it as tensors only (e.g. safetensors). [{first}]"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # a damaged or foreign file: the weights-only unpickler fails in many ways (KeyError: 105 ...)
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
 
 
@@ -389,7 +391,7 @@ def _load(path_or_name: str | os.PathLike, trim_vocab: bool) -> tuple[GPT, Any, 
         name = str(path_or_name)
         if _is_hub_name(name):
             return load_hf_dir(download_hub_model(name)), None, "hf"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint not found: {name!r} is neither an existing path nor a hub name "
             f"({', '.join(HUB_MODELS)})"
         )
@@ -406,6 +408,13 @@ def _load(path_or_name: str | os.PathLike, trim_vocab: bool) -> tuple[GPT, Any, 
         f"{p}: not a checkpoint gptfast knows: expected a nanoGPT ckpt.pt (a dict with 'model' and "
         "'model_args'), a Hugging Face GPT-2 directory or a gptfast checkpoint directory"
     )
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save zip / pickle
+        raise CheckpointError(
+            f"{p}: not a checkpoint gptfast knows (neither a torch.save file nor safetensors): expected "
+            "a gptfast checkpoint directory, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt"
+        )
 
 
 def from_pretrained(
@@ -470,7 +479,7 @@ def load_any(
                 "checkpoint that `gptfast generate --checkpoint dir` reads"
             )
     if tokenizer.vocab_size > V:
-        raise ValueError(
+        raise InputError(
             f"load_any: tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size {V}"
         )
     return model, tokenizer

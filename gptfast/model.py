@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gptfast import ops
 from gptfast.config import GPTConfig
+from gptfast.errors import InputError
 
 
 class LayerNorm(nn.Module):
@@ -160,10 +161,10 @@ class GPT(nn.Module):
         Returns (logits (B, T, vocab_size), mean cross-entropy loss or None).
         """
         if idx.dim() != 2:
-            raise ValueError(f"GPT.forward: idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+            raise InputError(f"GPT.forward: idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(
+            raise InputError(
                 f"GPT.forward: sequence length {T} exceeds the block size {self.config.block_size}"
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptfast.errors import InputError
+
 
 def sliding_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """The windows `(begin, end, score_from)` for a text of `n` tokens: the model sees
@@ -51,7 +53,7 @@ def _as_ids(ids) -> torch.Tensor:
     if t.dim() == 2 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 1:
-        raise ValueError(f"sliding_window_perplexity: ids must be 1-D token ids, got shape {tuple(t.shape)}")
+        raise InputError(f"sliding_window_perplexity: ids must be 1-D token ids, got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise TypeError(f"sliding_window_perplexity: ids must be integer token ids, got {t.dtype}")
     return t.to(torch.long)
@@ -85,27 +87,27 @@ def sliding_window_perplexity(
     t = _as_ids(ids)
     n = t.numel()
     if n < 2:
-        raise ValueError(f"sliding_window_perplexity: need at least 2 tokens, got {n}")
+        raise InputError(f"sliding_window_perplexity: need at least 2 tokens, got {n}")
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     if max_length is None:
         if block_size is None:
-            raise ValueError("sliding_window_perplexity: pass max_length (the model has no config.block_size)")
+            raise InputError("sliding_window_perplexity: pass max_length (the model has no config.block_size)")
         max_length = block_size
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"sliding_window_perplexity: max_length must be an int >= 2, got {max_length!r}")
+        raise InputError(f"sliding_window_perplexity: max_length must be an int >= 2, got {max_length!r}")
     if block_size is not None and max_length > block_size:
-        raise ValueError(f"sliding_window_perplexity: max_length {max_length} exceeds the model's "
+        raise InputError(f"sliding_window_perplexity: max_length {max_length} exceeds the model's "
                          f"block size {block_size}")
     if stride is None:
         stride = max(1, max_length // 2)
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:
-        raise ValueError(f"sliding_window_perplexity: stride must be an int in [1, max_length={max_length}], "
+        raise InputError(f"sliding_window_perplexity: stride must be an int in [1, max_length={max_length}], "
                          f"got {stride!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"sliding_window_perplexity: batch_size must be an int >= 1, got {batch_size!r}")
+        raise InputError(f"sliding_window_perplexity: batch_size must be an int >= 1, got {batch_size!r}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and (int(t.min()) < 0 or int(t.max()) >= vocab):
-        raise ValueError(f"sliding_window_perplexity: token ids must be in [0, {vocab}), got "
+        raise InputError(f"sliding_window_perplexity: token ids must be in [0, {vocab}), got "
                          f"[{int(t.min())}, {int(t.max())}]")
 
     windows = sliding_windows(n, max_length, stride)
@@ -158,7 +160,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=None, help="window length (default: block size)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: max-length / 2)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
 def main(args) -> int:
@@ -180,10 +182,10 @@ def main(args) -> int:
     text = load_text(args.text_file)
     ids = tokenizer.encode(text)
     if len(ids) < 2:
-        raise ValueError(f"--text-file {args.text_file} holds {len(ids)} token(s); need at least 2")
+        raise InputError(f"--text-file {args.text_file} holds {len(ids)} token(s); need at least 2")
     max_length = args.max_length
     if max_length is not None and max_length > model.config.block_size:
-        raise ValueError(f"--max-length {max_length} exceeds the model's block size {model.config.block_size}")
+        raise InputError(f"--max-length {max_length} exceeds the model's block size {model.config.block_size}")
     nwin = len(ids) // max(1, args.stride or (max_length or model.config.block_size) // 2)
     ppl, n = sliding_window_perplexity(model, ids, max_length=max_length, stride=args.stride,
                                        batch_size=args.batch_size, progress=nwin > 64)

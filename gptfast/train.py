@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from gptfast import checkpoint as ckpt
 from gptfast.config import PRESETS, GPTConfig
-from gptfast.errors import InputFileError, OutDirError
+from gptfast.errors import (InputError, InputFileError, MissingDependencyError, MissingFileError, NonFiniteError,
+                            OutDirError)
 from gptfast.data import BatchSampler, encode_file, load_text, train_val_split
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
@@ -89,25 +90,25 @@ class TrainConfig:
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+                raise InputError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
         if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
-            raise ValueError(f"TrainConfig.lr_decay_iters must be > 0, got {self.lr_decay_iters}")
+            raise InputError(f"TrainConfig.lr_decay_iters must be > 0, got {self.lr_decay_iters}")
         if self.warmup_iters < 0:
-            raise ValueError(f"TrainConfig.warmup_iters must be >= 0, got {self.warmup_iters}")
+            raise InputError(f"TrainConfig.warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            raise InputError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+            raise InputError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; expected one of: {', '.join(PRESETS)}")
+            raise InputError(f"unknown preset {self.preset!r}; expected one of: {', '.join(PRESETS)}")
         if self.tokenizer not in ("auto", "char", "gpt2"):
-            raise ValueError(f"tokenizer must be 'auto', 'char' or 'gpt2', got {self.tokenizer!r}")
+            raise InputError(f"tokenizer must be 'auto', 'char' or 'gpt2', got {self.tokenizer!r}")
         if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+            raise InputError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         known = {f.name for f in dataclasses.fields(GPTConfig) if f.init}
         unknown = sorted(set(self.model_overrides) - known)
         if unknown:
-            raise ValueError(f"unknown model field(s) {unknown}; known: {sorted(known)}")
+            raise InputError(f"unknown model field(s) {unknown}; known: {sorted(known)}")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -187,7 +188,7 @@ def encode_data(path: str, tokenizer: Tokenizer) -> np.ndarray:
         return encode_file(path, tokenizer)
     except ValueError as e:
         if isinstance(tokenizer, CharTokenizer) and "not in the vocabulary" in str(e):
-            raise ValueError(
+            raise InputError(
                 f"--data {path} does not fit the checkpoint's vocabulary "
                 f"({tokenizer.vocab_size} characters): {e}"
             ) from None
@@ -202,9 +203,9 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install matplotlib") from None
+        raise MissingDependencyError("plotting needs matplotlib: pip install matplotlib") from None
     if not history:
-        raise ValueError("no evaluation history to plot yet")
+        raise InputError("no evaluation history to plot yet")
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [h["train_loss"] for h in history], label="train", marker=".")
@@ -301,21 +302,21 @@ def _prepare(cfg: TrainConfig, device: torch.device):
     """Load data, tokenizer, model and (on resume) the saved state. Everything that can fail
     on bad input fails here, before anything is written."""
     if cfg.data is None:
-        raise ValueError("--data is required: a UTF-8 text file to train on")
+        raise InputError("--data is required: a UTF-8 text file to train on")
     text = load_text(cfg.data)  # missing / empty / not UTF-8 -> clear error
     resume_state = None
     history: list[dict[str, Any]] = []
     if cfg.resume:
         out = Path(cfg.out_dir)
         if not (out / ckpt.META_NAME).exists() and not ckpt._backup_paths(out.absolute()):
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out_dir}")
+            raise MissingFileError(f"--resume: no checkpoint in {cfg.out_dir}")
         model, tokenizer, info = ckpt.load_checkpoint(out)
         for k, v in cfg.model_overrides.items():
             if k in info["config"] and info["config"][k] != v:
-                raise ValueError(f"--resume: the checkpoint has {k}={info['config'][k]!r}, "
+                raise InputError(f"--resume: the checkpoint has {k}={info['config'][k]!r}, "
                                  f"but {k}={v!r} was given")
         if cfg.tokenizer != "auto" and cfg.tokenizer != info["tokenizer"].get("type"):
-            raise ValueError(f"--resume: the checkpoint's tokenizer is {info['tokenizer'].get('type')!r}, "
+            raise InputError(f"--resume: the checkpoint's tokenizer is {info['tokenizer'].get('type')!r}, "
                              f"but --tokenizer {cfg.tokenizer} was given")
         resume_state = ckpt.load_train_state(out)
         resume_state["_meta"] = {k: info.get(k) for k in ("step", "train_loss", "val_loss")}
@@ -327,24 +328,24 @@ def _prepare(cfg: TrainConfig, device: torch.device):
         overrides = dict(cfg.model_overrides)
         vocab = overrides.setdefault("vocab_size", tokenizer.vocab_size)
         if vocab < tokenizer.vocab_size:
-            raise ValueError(f"--vocab-size {vocab} is smaller than the tokenizer's vocabulary "
+            raise InputError(f"--vocab-size {vocab} is smaller than the tokenizer's vocabulary "
                              f"({tokenizer.vocab_size})")
         config = GPTConfig.from_preset(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = GPT(config)
     ids = encode_data(cfg.data, tokenizer)
     if len(ids) < 2:
-        raise ValueError(f"--data {cfg.data} holds only {len(ids)} token(s); too short to train on")
+        raise InputError(f"--data {cfg.data} holds only {len(ids)} token(s); too short to train on")
     train_ids, val_ids = train_val_split(ids)
     bs = model.config.block_size
     for split, arr in (("train", train_ids), ("val", val_ids)):
         if len(arr) <= bs:
-            raise ValueError(
+            raise InputError(
                 f"--data {cfg.data} is too short: its {split} split (90/10) has {len(arr)} tokens, "
                 f"need more than block_size={bs}"
             )
     if int(ids.max()) >= model.config.vocab_size:
-        raise ValueError(f"token id {int(ids.max())} >= vocab_size {model.config.vocab_size}")
+        raise InputError(f"token id {int(ids.max())} >= vocab_size {model.config.vocab_size}")
     return model, tokenizer, train_ids, val_ids, resume_state, history
 
 
@@ -355,11 +356,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = torch.device(cfg.device if not (dist_info.enabled and cfg.device == "cuda")
                           else f"cuda:{dist_info.local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available in this torch build / machine")
+        raise InputError("--device cuda: CUDA is not available in this torch build / machine")
     if cfg.dtype == "bf16" and device.type != "cuda":
         # CPU autocast runs, but measured ~10x slower than fp32 here with the torch backend and
         # the native ops reject its mixed fp32/bf16 inputs: refuse instead of surprising.
-        raise ValueError(f"--dtype bf16 (autocast) is supported on CUDA only, got --device {cfg.device}; "
+        raise InputError(f"--dtype bf16 (autocast) is supported on CUDA only, got --device {cfg.device}; "
                          "use --dtype fp32 on CPU")
     check_out_dir(cfg.out_dir)  # before any data is read or any step is run
     model, tokenizer, train_ids, val_ids, resume_state, history = _prepare(cfg, device)
@@ -477,7 +478,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             iter_num += 1
             loss_val = loss_sum / cfg.grad_accum
             if not math.isfinite(loss_val):
-                raise FloatingPointError(f"training diverged: loss is {loss_val} at step {iter_num} "
+                raise NonFiniteError(f"training diverged: loss is {loss_val} at step {iter_num} "
                                          "(lower --lr?)")
             now = time.perf_counter()
             dt, t_last = now - t_last, now
@@ -521,18 +522,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def add_arguments(p) -> None:
     """Declare `gptfast train`'s arguments on an argparse parser (used by gptfast.cli)."""
     d = TrainConfig()
-    p.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
+    p.add_argument("--preset", default=d.preset, help="model preset (see gptfast.config.PRESETS)")
     p.add_argument("--data", help="UTF-8 text file to train on (90%% train / 10%% val)")
-    p.add_argument("--out-dir", default=d.out_dir, help="checkpoint directory")
-    p.add_argument("--tokenizer", default=d.tokenizer, choices=["auto", "char", "gpt2"])
+    p.add_argument("--out-dir", default=d.out_dir,
+                   help="checkpoint directory (created if missing; only gptfast's own files in it are "
+                        "written or replaced, everything else is left alone)")
+    p.add_argument("--tokenizer", default=d.tokenizer, choices=["auto", "char", "gpt2"],
+                   help="auto: GPT-2 BPE for presets with a 50257 vocabulary, else characters of --data")
+    helps = {
+        "max_iters": "optimizer steps in total (a resumed run continues up to this step)",
+        "eval_interval": "evaluate and save a checkpoint every this many steps (and at the end)",
+        "eval_iters": "batches per split averaged by each evaluation",
+        "log_interval": "steps between log lines when there is no progress bar",
+        "batch_size": "sequences per micro-batch (per process under DDP)",
+        "grad_accum": "micro-batches accumulated per optimizer step",
+        "warmup_iters": "linear learning-rate warmup steps",
+        "lr_decay_iters": "step at which the cosine decay reaches --min-lr (default: --max-iters)",
+        "seed": "seed of the initial weights, the batch sampler and dropout",
+        "lr": "peak learning rate (AdamW)",
+        "min_lr": "learning rate at the end of the cosine decay",
+        "weight_decay": "AdamW weight decay (weight matrices only)",
+        "beta1": "AdamW beta1",
+        "beta2": "AdamW beta2",
+        "grad_clip": "clip the gradient norm to this (0 = off)",
+    }
     for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                  "grad_accum", "warmup_iters", "lr_decay_iters", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=helps[name])
     for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help=helps[name])
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out-dir (prints the step and losses it resumes from)")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"],
+                   help="bf16: autocast mixed precision (CUDA only)")
     p.add_argument("--plot", action="store_true",
                    help="save loss.png in --out-dir (without --data: plot an existing run)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -543,7 +566,8 @@ def add_arguments(p) -> None:
             continue
         kind = _field_parser(f)
         model.add_argument("--" + f.name.replace("_", "-"), dest="model_" + f.name, type=kind,
-                           default=None, metavar=f.name.upper())
+                           default=None, metavar=f.name.upper(),
+                           help=f"GPTConfig.{f.name} ({kind.__name__.lstrip('_')}; default: the preset's)")
 
 
 def _parse_bool(s: str) -> bool:
@@ -552,7 +576,7 @@ def _parse_bool(s: str) -> bool:
         return True
     if v in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true/false, got {s!r}")
+    raise InputError(f"expected true/false, got {s!r}")
 
 
 def _field_parser(f: dataclasses.Field):

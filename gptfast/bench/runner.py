@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "beside the source tree, else a synthetic text)")
     p.add_argument("--no-plot", action="store_true", help="do not draw PNG plots")
     p.add_argument("--from", dest="from_json", default=None, help="plot: the run JSON to plot")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
 
 def _resolve_args(args) -> None:

@@ -30,6 +30,8 @@ from typing import Iterator
 
 import torch
 
+from gptfast.errors import UserError
+
 BACKENDS = ("reference", "torch", "native", "triton")
 OPS = ("causal_attention", "layer_norm", "gelu_mlp", "decode_attention", "sample")
 _AUTO_ORDER = ("triton", "native", "torch", "reference")
@@ -47,8 +49,9 @@ _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _module_cache: dict[str, ModuleType | str] = {}
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run this op here (not built, not installed, unsupported call)."""
+class BackendUnavailableError(UserError, RuntimeError):
+    """The requested backend cannot run this op here (not built, not installed, unsupported call).
+    A `UserError`: the CLI prints it as one line (the user asked for that backend)."""
 
 
 # ----------------------------------------------------------------------------- backend selection
