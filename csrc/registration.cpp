@@ -21,14 +21,16 @@ TORCH_LIBRARY(gptfast, m) {
       "-> (Tensor dx, Tensor dweight, Tensor dbias)");
   // x: (M, C); w_fc: (F, C); w_proj: (C_out, F) (nn.Linear layout). pre: (M, F), the pre-activation
   // x w_fc^T + b_fc, saved so the backward recomputes GELU from it instead of storing both.
+  // exact: the exact GELU x Phi(x) (erf; nanoGPT, torch.nn.GELU()) instead of GPT-2's tanh approximation.
   m.def(
-      "gelu_mlp_fwd(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj) "
+      "gelu_mlp_fwd(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, bool exact=False) "
       "-> (Tensor y, Tensor pre)");
   // The forward when nothing needs gradients (inference, generation): y only, and the CPU kernel
   // applies GELU in place on its one (M, F) buffer instead of keeping pre and h both alive.
-  m.def("gelu_mlp_infer(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj) -> Tensor y");
+  m.def("gelu_mlp_infer(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, bool exact=False) "
+        "-> Tensor y");
   m.def(
-      "gelu_mlp_bwd(Tensor dy, Tensor x, Tensor w_fc, Tensor w_proj, Tensor pre) "
+      "gelu_mlp_bwd(Tensor dy, Tensor x, Tensor w_fc, Tensor w_proj, Tensor pre, bool exact=False) "
       "-> (Tensor dx, Tensor dw_fc, Tensor db_fc, Tensor dw_proj, Tensor db_proj)");
   // x: (M, K); weight: (N, K) (nn.Linear layout); bias: (N,) or None. Returns x weight^T + bias,
   // (M, N) contiguous, x's dtype. A kernel for small M (batched decoding): see csrc/cpu/skinny_linear.cpp.
@@ -36,14 +38,17 @@ TORCH_LIBRARY(gptfast, m) {
   // One GPT-2 decoding step (CPU; see csrc/cpu/decode_step.cpp): tokens, pos (B,) int64; wte (V, C);
   // wpe (block_size, C); layers: 12 per block (ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc,
   // b_fc, w_proj, b_proj; nn.Linear layouts; matrices fp32 or bf16); w_head (V, C); caches per block
-  // (B, H, T_max, D) fp32, K/V written at pos. Returns (B, V) fp32 logits.
+  // (B, H, T_max, D) fp32, K/V written at pos; exact_gelu as gelu_mlp's exact. Returns (B, V) fp32 logits.
   m.def(
       "decode_step(Tensor tokens, Tensor pos, Tensor wte, Tensor wpe, Tensor?[] layers, Tensor? lnf_w, "
-      "Tensor? lnf_b, Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps) -> Tensor");
+      "Tensor? lnf_b, Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps, bool exact_gelu=False) "
+      "-> Tensor");
   // q: (B, H, Tq, D); caches: (B, H, T_max, D); cache_lens: (B,) int64. See gptfast/ops/reference.py.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // logits: (B, V); uniform: (B,) fp32 draws in [0, 1) made by the caller (torch.rand with the user's
   // generator), so every backend samples identically. top_k <= 0 = off; top_p >= 1 = off.
   // temperature == 0 = argmax. Returns (B,) int64.
+  // The exact GELU's vectorised erf on its own (CPU, fp32; tests measure its accuracy).
+  m.def("erf(Tensor x) -> Tensor");
   m.def("sample(Tensor logits, float temperature, int top_k, float top_p, Tensor uniform) -> Tensor");
 }

@@ -8,6 +8,39 @@ from typing import Any
 
 from gptfast.errors import InputError
 
+# MLP activations: "gelu_tanh" = GELU with the tanh approximation (GPT-2, Hugging Face "gelu_new");
+# "gelu" = the exact GELU x * Phi(x) with the erf (torch.nn.GELU(), nanoGPT, Hugging Face "gelu").
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+# Hugging Face `activation_function` -> ours, for exactly the functions that are one of ours
+# (transformers/activations.py, ACT2CLS): gelu_new (NewGELUActivation), gelu_pytorch_tanh
+# (F.gelu(approximate="tanh")) and gelu_accurate (AccurateGELUActivation) are the tanh formula
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); gelu_fast (FastGELUActivation) is the same
+# formula with sqrt(2/pi) written to 10 digits, 4e-12 relative away (far below fp32 rounding);
+# gelu (F.gelu) and gelu_python (x/2 (1 + erf(x/sqrt 2))) are the exact GELU. Everything else
+# (relu, silu, quick_gelu = x sigmoid(1.702 x), gelu_10 (clipped), ...) is a different function.
+HF_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "gelu_python": "gelu",
+}
+# What `save_pretrained` writes for each of ours.
+HF_ACTIVATION_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
+
+def activation_from_hf(name: Any) -> str:
+    """Our activation for a Hugging Face `activation_function`; ValueError for any other function."""
+    if name not in HF_ACTIVATIONS:
+        raise InputError(
+            f"activation_function is {name!r}, expected one of {sorted(HF_ACTIVATIONS)} (GELU: "
+            "gelu_new / gelu_pytorch_tanh / gelu_accurate / gelu_fast = tanh approximation, "
+            "gelu / gelu_python = exact erf)"
+        )
+    return HF_ACTIVATIONS[name]
+
 
 @dataclass
 class GPTConfig:
@@ -27,6 +60,7 @@ class GPTConfig:
     tie_weights: bool = True  # LM head shares the token embedding matrix (GPT-2: True)
     layer_norm_eps: float = 1e-5
     n_inner: int | None = None  # MLP hidden width; None = 4 * n_embd
+    activation: str = "gelu_tanh"  # MLP activation, one of ACTIVATIONS (GPT-2: gelu_tanh)
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -41,7 +75,12 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.layer_norm_eps > 0:
-            raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+            raise InputError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.activation not in ACTIVATIONS:
+            raise InputError(
+                f"GPTConfig.activation must be one of {ACTIVATIONS} (gelu_tanh: GPT-2's tanh "
+                f"approximation; gelu: the exact erf GELU), got {self.activation!r}"
+            )
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         if self.n_inner is None:

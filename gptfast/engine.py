@@ -112,6 +112,7 @@ class DecodeWeights:
     dtype: torch.dtype  # activations, vectors, KV cache
     weight_dtype: torch.dtype | None = None  # matrices and wte (None = dtype)
     copied_bytes: int = 0  # memory held by the engine's own copies (0 = all views)
+    activation: str = "gelu_tanh"  # the MLP's GELU: the model's `config.activation`
 
 
 def _param_key(model: torch.nn.Module) -> tuple:
@@ -140,7 +141,8 @@ def decode_weights(model, dtype: torch.dtype | None = None, layout: dict | None 
         weight_dtype = dtype
     if layout is None:
         layout = _CPU_FP32_LAYOUT if (p0.device.type == "cpu" and dtype == torch.float32) else _NO_COPY_LAYOUT
-    cache_key = (dtype, weight_dtype, tuple(sorted(layout.items())))
+    activation = getattr(model.config, "activation", "gelu_tanh")
+    cache_key = (dtype, weight_dtype, tuple(sorted(layout.items())), activation)
     per_model = _WEIGHTS.setdefault(model, {})
     key = _param_key(model)
     hit = per_model.get(cache_key)
@@ -193,7 +195,7 @@ def decode_weights(model, dtype: torch.dtype | None = None, layout: dict | None 
         layers=layers, wte=wte, wpe=tr.wpe.weight.detach().to(dtype),
         lnf_w=vec(tr.ln_f.weight), lnf_b=vec(tr.ln_f.bias), lnf_eps=float(tr.ln_f.eps),
         w_head=mat(model.lm_head.weight, "lm_head"), n_head=model.config.n_head, dtype=dtype,
-        weight_dtype=weight_dtype,
+        weight_dtype=weight_dtype, activation=activation,
     )
     if dtype != p0.dtype:
         copied += w.wpe.numel() * w.wpe.element_size()
@@ -273,13 +275,13 @@ def _residual_linear(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: tor
     return y if b is None else y.add_(b)
 
 
-def _mlp(fns: OpFns, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+def _mlp(fns: OpFns, lw: LayerWeights, h: torch.Tensor, activation: str) -> torch.Tensor:
     # ops.gelu_mlp takes nn.Linear's (out, in) layout: give it transposed views of the operands.
     # The native CPU kernel reads bf16 weights itself (weight-only bf16); others get fp32 copies.
     w_fc, w_proj = lw.w_fc.t(), lw.w_proj.t()
     if fns.names.get("gelu_mlp") != "native":
         w_fc, w_proj = _as(w_fc, h), _as(w_proj, h)
-    return fns.gelu_mlp(h, w_fc, lw.b_fc, w_proj, lw.b_proj)
+    return fns.gelu_mlp(h, w_fc, lw.b_fc, w_proj, lw.b_proj, activation=activation)
 
 
 def prefill(
@@ -318,7 +320,7 @@ def prefill(
         y = fns.causal_attention(q, k, v, None, 0.0)  # (b, H, T, D)
         y = y.transpose(1, 2).reshape(b * T, C)
         x = _residual_linear(x, y, lw.w_o, lw.b_o)
-        x = x + _mlp(fns, lw, fns.layer_norm(x, lw.ln2_w, lw.ln2_b, lw.ln_eps))
+        x = x + _mlp(fns, lw, fns.layer_norm(x, lw.ln2_w, lw.ln2_b, lw.ln_eps), w.activation)
     last = x.view(b, T, C)[torch.arange(b, device=x.device), lens - 1]  # (b, C): own last real token
     last = fns.layer_norm(last, w.lnf_w, w.lnf_b, w.lnf_eps)
     return torch.mm(last, _as(w.w_head, last)).float()  # (b, V)
@@ -361,7 +363,7 @@ def decode_one_token(
             x = x + sk(y.view(B, C), lw.w_o.t(), lw.b_o)
         else:
             x = _residual_linear(x, y.view(B, C), lw.w_o, lw.b_o)
-        x = x + _mlp(fns, lw, fns.layer_norm(x, lw.ln2_w, lw.ln2_b, lw.ln_eps))
+        x = x + _mlp(fns, lw, fns.layer_norm(x, lw.ln2_w, lw.ln2_b, lw.ln_eps), w.activation)
     x = fns.layer_norm(x, w.lnf_w, w.lnf_b, w.lnf_eps)
     return (sk(x, w.w_head.t(), None) if sk else torch.mm(x, _as(w.w_head, x))).float()  # (B, V)
 
@@ -385,7 +387,7 @@ def fused_step_args(w: DecodeWeights, fns: OpFns, device_type: str) -> tuple | N
     for lw in w.layers:  # nn.Linear (out, in) layouts: the operands' .t() (see `decode_weights`)
         flat += [lw.ln1_w, lw.ln1_b, lw.w_qkv.t(), lw.b_qkv, lw.w_o.t(), lw.b_o,
                  lw.ln2_w, lw.ln2_b, lw.w_fc.t(), lw.b_fc, lw.w_proj.t(), lw.b_proj]
-    return (w.wte, w.wpe, flat, w.lnf_w, w.lnf_b, w.w_head.t(), eps.pop())
+    return (w.wte, w.wpe, flat, w.lnf_w, w.lnf_b, w.w_head.t(), eps.pop(), w.activation == "gelu")
 
 
 def decode_one_token_fused(args: tuple, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
@@ -394,8 +396,8 @@ def decode_one_token_fused(args: tuple, k_cache: list[torch.Tensor], v_cache: li
     same order with no Python between them; `args` from `fused_step_args`."""
     from gptfast.ops import native
 
-    wte, wpe, flat, lnf_w, lnf_b, w_head, eps = args
-    return native.decode_step(tokens, pos, wte, wpe, flat, lnf_w, lnf_b, w_head, k_cache, v_cache, eps)
+    wte, wpe, flat, lnf_w, lnf_b, w_head, eps, exact_gelu = args
+    return native.decode_step(tokens, pos, wte, wpe, flat, lnf_w, lnf_b, w_head, k_cache, v_cache, eps, exact_gelu)
 
 
 # ----------------------------------------------------------------------------- logits processing

@@ -16,8 +16,9 @@ and tied embeddings keep working.
 What runs where:
 * every `nn.LayerNorm` of the GPT-2 stack -> `ops.layer_norm` (position-wise: always exact);
 * every `GPT2MLP` -> `ops.gelu_mlp` with the Conv1D weights passed as transposed *views*
-  (Conv1D stores (in, out), the op takes nn.Linear's (out, in)); only for the tanh GELUs
-  (`gelu_new`, `gelu_pytorch_tanh`) -- other activations keep the original MLP, with a warning;
+  (Conv1D stores (in, out), the op takes nn.Linear's (out, in)) and the model's GELU: the tanh
+  GELUs (`gelu_new`, `gelu_pytorch_tanh`, ...) as "gelu_tanh", `gelu` / `gelu_python` as the exact
+  "gelu" (see `gptfast.config.HF_ACTIVATIONS`) -- other activations keep the original MLP, with a warning;
 * `GPT2Attention` (self-attention) -> `ops.causal_attention`, but only for the plain causal T x T
   case: no padding in the mask, nothing already in the KV cache (a prefill fills an empty
   DynamicCache exactly as the original does), eager or sdpa attention, attention weights not
@@ -46,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from gptfast import ops
+from gptfast.config import HF_ACTIVATIONS
 
 SUPPORTED_TRANSFORMERS = ("5.23", "5.24")  # the releases the test suite runs against (see setup.py)
 TESTED_TRANSFORMERS = " and ".join(SUPPORTED_TRANSFORMERS)
@@ -68,7 +70,6 @@ def _cache_arg_name(params: tuple[str, ...]) -> str | None:
         return None
     return params[2]
 _MLP_PARAMS = ("self", "hidden_states")
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 _FAST_ATTN_IMPLS = ("eager", "sdpa")
 # Extra keyword arguments the GPT-2 stack passes to its attention that do not change the math of
 # eager / sdpa self-attention. Any other key (position_bias, softcap, a paged cache, ...) -> original.
@@ -182,7 +183,7 @@ def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     # Conv1D weights are (in, out); .t() is a view in nn.Linear's (out, in) layout -- no copy.
     y = ops.gelu_mlp(
         hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
-        backend=_backend(self),
+        activation=getattr(self, _PATCH_ATTR)["activation"], backend=_backend(self),
     )  # (B, T, C)
     return self.dropout(y)
 
@@ -334,13 +335,13 @@ def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
     for block in blocks:
         _bind(block.attn, "attention", _ATTENTION_FORWARDS[cache_arg], backend, mask_memo=memo)
         act = block.attn.config.activation_function
-        if act in _TANH_GELUS:
-            _bind(block.mlp, "mlp", _mlp_forward, backend)
+        if act in HF_ACTIVATIONS:
+            _bind(block.mlp, "mlp", _mlp_forward, backend, activation=HF_ACTIVATIONS[act])
     act = blocks[0].attn.config.activation_function
-    if act not in _TANH_GELUS:
+    if act not in HF_ACTIVATIONS:
         warnings.warn(
-            f"gptfast.patch: activation_function={act!r} is not a tanh GELU ({', '.join(_TANH_GELUS)}); "
-            "the MLPs keep their original forward",
+            f"gptfast.patch: activation_function={act!r} is not a GELU gptfast computes "
+            f"({', '.join(HF_ACTIVATIONS)}); the MLPs keep their original forward",
             stacklevel=2,
         )
     return model

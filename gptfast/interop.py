@@ -21,6 +21,12 @@ Formats (the architecture is the same in all three, only names and layouts diffe
   trained with `torch.compile` has every key prefixed `_orig_mod.`, which is stripped.
 * gptfast checkpoints (`gptfast.checkpoint`): a directory with `gptfast.json`.
 
+The MLP's GELU (`GPTConfig.activation`) follows each format: nanoGPT's MLP is `nn.GELU()`, the
+exact erf GELU, so nanoGPT checkpoints load as "gelu"; Hugging Face's `activation_function` maps
+through `gptfast.config.HF_ACTIVATIONS` (gelu_new / gelu_pytorch_tanh / gelu_accurate / gelu_fast
+-> "gelu_tanh", gelu / gelu_python -> "gelu"; any other function is refused), and
+`save_pretrained` writes "gelu_new" or "gelu" back.
+
 nanoGPT pads the GPT-2 vocabulary 50257 -> 50304 (a multiple of 64, for matmul speed). The 47
 padding rows are never a target and never an input, so their logits are meaningless (training only
 pushes them down) and the GPT-2 tokenizer cannot decode their ids. We therefore **slice the
@@ -48,7 +54,7 @@ import torch
 
 # CheckpointError (a ValueError): one class for every unreadable / unsafe / unsupported checkpoint.
 from gptfast.checkpoint import META_NAME, CheckpointError, load_checkpoint
-from gptfast.config import GPTConfig
+from gptfast.config import HF_ACTIVATION_NAMES, GPTConfig, activation_from_hf
 from gptfast.errors import InputError, MissingFileError
 from gptfast.model import GPT, LayerNorm
 
@@ -62,8 +68,6 @@ HUB_MODELS = {
 }
 GPT2_VOCAB = 50257
 NANOGPT_PADDED_VOCAB = 50304
-# Activations equal to our fused op (GELU, tanh approximation; Hendrycks & Gimpel 2016).
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 # Conv1D modules of HF GPT-2: weight stored (in, out), transposed relative to nn.Linear.
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -112,10 +116,10 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTCon
     model_type = hf.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise bad(f"model_type is {model_type!r}, expected 'gpt2'")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _TANH_GELUS:
-        raise bad(f"activation_function is {act!r}, expected one of {list(_TANH_GELUS)} "
-                  "(GELU with the tanh approximation)")
+    try:  # GELU with the tanh approximation (GPT-2) or exact (erf): see gptfast.config.HF_ACTIVATIONS
+        activation = activation_from_hf(hf.get("activation_function", "gelu_new"))
+    except ValueError as e:
+        raise bad(str(e)) from None
     # Options of transformers' GPT2Attention that change the math of the attention.
     if hf.get("scale_attn_by_inverse_layer_idx", False):
         raise bad("scale_attn_by_inverse_layer_idx=True (Mistral/CRFM-style layer-wise scaling)")
@@ -138,6 +142,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTCon
             tie_weights=bool(hf.get("tie_word_embeddings", True)),
             dropout=0.0,  # inference default, as nanoGPT's from_pretrained
             bias=True,
+            activation=activation,
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: missing GPT-2 field {e.args[0]!r}") from None
@@ -153,7 +158,7 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "activation_function": "gelu_new",
+        "activation_function": HF_ACTIVATION_NAMES[config.activation],
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
         "n_embd": config.n_embd,
@@ -328,6 +333,7 @@ def config_from_nanogpt(model_args: dict[str, Any], source: str) -> GPTConfig:
             n_layer=model_args["n_layer"], n_head=model_args["n_head"], n_embd=model_args["n_embd"],
             block_size=model_args["block_size"], vocab_size=model_args["vocab_size"],
             bias=bool(model_args.get("bias", True)), dropout=0.0, tie_weights=True,
+            activation="gelu",  # nanoGPT's MLP has always been nn.GELU(): the exact erf GELU
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: model_args lacks {e.args[0]!r}") from None

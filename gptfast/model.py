@@ -68,13 +68,14 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation  # "gelu_tanh" (GPT-2) or "gelu" (exact, nanoGPT)
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # c_fc -> GELU(tanh) -> c_proj, with bias + GELU fused by the op.
+        # c_fc -> GELU -> c_proj, with bias + GELU fused by the op.
         y = ops.gelu_mlp(
             x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-            backend=self.backend,
+            activation=self.activation, backend=self.backend,
         )
         return self.dropout(y)
 

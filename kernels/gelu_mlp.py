@@ -1,4 +1,8 @@
-"""GPT-2's MLP, gelu_tanh(x W_fc^T + b_fc) W_proj^T + b_proj, with bias and GELU fused into matmuls.
+"""GPT-2's MLP, gelu(x W_fc^T + b_fc) W_proj^T + b_proj, with bias and GELU fused into matmuls.
+
+gelu is GPT-2's tanh approximation (activation="gelu_tanh", the default) or the exact erf GELU
+(activation="gelu": x Phi(x), torch.nn.GELU(), nanoGPT); the EXACT constexpr picks it in the
+epilogues below.
 
 Algorithm: one tiled matmul kernel (Triton tutorial 03 "Matrix Multiplication": BLOCK_M x BLOCK_N
 output tiles, a K loop accumulating in fp32, grouped ("super-grouping") tile order for L2 reuse;
@@ -21,7 +25,9 @@ copies. Bias gradients are column sums done with torch (fp32 accumulate), a smal
 backward's traffic.
 
 GELU(tanh) is written as x * sigmoid(2 z), z = sqrt(2/pi) (x + 0.044715 x^3): the identity
-0.5 (1 + tanh z) = sigmoid(2 z) avoids a tanh intrinsic that the interpreter lacks.
+0.5 (1 + tanh z) = sigmoid(2 z) avoids a tanh intrinsic that the interpreter lacks. The exact
+GELU uses tl.math.erf (libdevice erff on CUDA; the interpreter has it too):
+Phi(x) = (1 + erf(x / sqrt 2)) / 2, gelu' = Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi).
 """
 
 from __future__ import annotations
@@ -41,13 +47,20 @@ EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_GELU, EPILOGUE_DGELU = 0, 1, 2, 3
 
 
 @triton.jit
-def _gelu_parts(h):
-    """(gelu_tanh(h), d gelu_tanh / dh) for fp32 h."""
-    c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
-    z = c * (h + 0.044715 * h * h * h)
-    s = tl.sigmoid(2.0 * z)  # = 0.5 * (1 + tanh(z))
-    dz = c * (1.0 + 3.0 * 0.044715 * h * h)
-    return h * s, s + h * (2.0 * s * (1.0 - s)) * dz
+def _gelu_parts(h, EXACT: tl.constexpr):
+    """(gelu(h), d gelu / dh) for fp32 h: the exact erf GELU if EXACT, else gelu_tanh."""
+    if EXACT:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))  # Phi(h)
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # phi(h) = exp(-h^2/2) / sqrt(2 pi)
+        return h * cdf, cdf + h * pdf
+    else:
+        c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
+        z = c * (h + 0.044715 * h * h * h)
+        s = tl.sigmoid(2.0 * z)  # = 0.5 * (1 + tanh(z))
+        dz = c * (1.0 + 3.0 * 0.044715 * h * h)
+        # 1 - s as sigmoid(-2z): the subtraction cancels where s -> 1 (h >~ 3), which cost gelu'
+        # ~3x PyTorch's fp32 error there
+        return h * s, s + h * (2.0 * s * tl.sigmoid(-2.0 * z)) * dz
 
 
 _MM_CONFIGS = configs(
@@ -62,7 +75,7 @@ _MM_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "EPILOGUE", "PRECISION"])
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "EPILOGUE", "PRECISION", "EXACT"])
 @triton.jit
 def _matmul_kernel(
     A, B,                    # A (M, K), B (K, N), any strides
@@ -74,6 +87,7 @@ def _matmul_kernel(
     stride_am, stride_ak,
     stride_bk, stride_bn,
     EPILOGUE: tl.constexpr,
+    EXACT: tl.constexpr,     # GELU epilogues: exact erf GELU (else tanh approximation)
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,10 +126,10 @@ def _matmul_kernel(
     c_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     if EPILOGUE == 2:  # GELU: keep the pre-activation for the backward
         tl.store(H + c_offs, acc.to(H.dtype.element_ty), mask=mask)
-        acc, _ = _gelu_parts(acc)
+        acc, _ = _gelu_parts(acc, EXACT)
     if EPILOGUE == 3:  # DGELU: dH = dG * gelu'(H)
         h = tl.load(H + c_offs, mask=mask, other=0.0).to(tl.float32)
-        _, dgelu = _gelu_parts(h)
+        _, dgelu = _gelu_parts(h, EXACT)
         acc = acc * dgelu
     tl.store(C + c_offs, acc.to(C.dtype.element_ty), mask=mask)
 
@@ -124,10 +138,12 @@ def _matmul_kernel(
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-            epilogue: int = EPILOGUE_NONE, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            epilogue: int = EPILOGUE_NONE, h: torch.Tensor | None = None,
+            exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """C = epilogue(a @ b (+ bias)) for a (M, K), b (K, N) of any strides; returns (C, H or None).
 
     EPILOGUE_GELU allocates and returns the pre-activation H; EPILOGUE_DGELU reads `h`.
+    exact: the GELU epilogues use the exact erf GELU instead of the tanh approximation.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -142,7 +158,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
             acc = acc + bias.float()
         if epilogue == EPILOGUE_GELU:
             h.copy_(acc)
-            acc = torch.nn.functional.gelu(acc, approximate="tanh")
+            acc = torch.nn.functional.gelu(acc, approximate="none" if exact else "tanh")
         elif epilogue == EPILOGUE_DGELU:
             acc = acc * 0.0
         c.copy_(acc)
@@ -154,7 +170,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     wrap_triton(_matmul_kernel)[grid](
         a, b, c, bias, h, M, N, K, bucket(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        EPILOGUE=epilogue, HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype),
+        EPILOGUE=epilogue, EXACT=bool(exact), HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype),
     )
     return c, h
 
@@ -176,17 +192,17 @@ def _check(x, w_fc, b_fc, w_proj, b_proj) -> None:
 @triton_op("gptfast_triton::gelu_mlp_fwd", mutates_args=())
 def gelu_mlp_fwd(
     x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
-    b_proj: torch.Tensor | None,
+    b_proj: torch.Tensor | None, exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (M, C_out), H (M, F) pre-activation, G (M, F) activation) for x flattened to (M, C)."""
     x2 = x.reshape(-1, x.shape[-1])
-    g, h = _matmul(x2, w_fc.t(), b_fc, EPILOGUE_GELU)  # (M, F)
+    g, h = _matmul(x2, w_fc.t(), b_fc, EPILOGUE_GELU, exact=exact)  # (M, F)
     y, _ = _matmul(g, w_proj.t(), b_proj, EPILOGUE_BIAS if b_proj is not None else EPILOGUE_NONE)
     return y, h, g
 
 
 @gelu_mlp_fwd.register_fake
-def _(x, w_fc, b_fc, w_proj, b_proj):
+def _(x, w_fc, b_fc, w_proj, b_proj, exact=False):
     M = x.numel() // x.shape[-1]
     F_ = w_fc.shape[0]
     return x.new_empty((M, w_proj.shape[0])), x.new_empty((M, F_)), x.new_empty((M, F_))
@@ -195,11 +211,11 @@ def _(x, w_fc, b_fc, w_proj, b_proj):
 @triton_op("gptfast_triton::gelu_mlp_bwd", mutates_args=())
 def gelu_mlp_bwd(
     dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor,
-    g: torch.Tensor,
+    g: torch.Tensor, exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, C), dW_fc (F, C), db_fc (F,), dW_proj (C_out, F), db_proj (C_out,)); dy is (M, C_out)."""
     x2 = x.reshape(-1, x.shape[-1])
-    dh, _ = _matmul(dy, w_proj, None, EPILOGUE_DGELU, h)  # (M, F) = (dY W_proj) * gelu'(H)
+    dh, _ = _matmul(dy, w_proj, None, EPILOGUE_DGELU, h, exact=exact)  # (M, F) = (dY W_proj) * gelu'(H)
     dx, _ = _matmul(dh, w_fc)                              # (M, C)
     dw_fc, _ = _matmul(dh.t(), x2)                          # (F, C)
     dw_proj, _ = _matmul(dy.t(), g)                         # (C_out, F)
@@ -209,7 +225,7 @@ def gelu_mlp_bwd(
 
 
 @gelu_mlp_bwd.register_fake
-def _(dy, x, w_fc, w_proj, h, g):
+def _(dy, x, w_fc, w_proj, h, g, exact=False):
     M = x.numel() // x.shape[-1]
     return (x.new_empty((M, x.shape[-1])), w_fc.new_empty(w_fc.shape), w_fc.new_empty((w_fc.shape[0],)),
             w_proj.new_empty(w_proj.shape), w_proj.new_empty((w_proj.shape[0],)))
@@ -220,30 +236,35 @@ def _(dy, x, w_fc, w_proj, h, g):
 
 class _GeluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
-        y, h, g = torch.ops.gptfast_triton.gelu_mlp_fwd(x, w_fc, b_fc, w_proj, b_proj)
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, exact):
+        y, h, g = torch.ops.gptfast_triton.gelu_mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, exact)
         ctx.save_for_backward(x, w_fc, w_proj, h, g)
         ctx.has_b = (b_fc is not None, b_proj is not None)
+        ctx.exact = exact
         return y.view(*x.shape[:-1], w_proj.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x, w_fc, w_proj, h, g = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, dw_fc, db_fc, dw_proj, db_proj = torch.ops.gptfast_triton.gelu_mlp_bwd(dy2, x, w_fc, w_proj, h, g)
+        dx, dw_fc, db_fc, dw_proj, db_proj = torch.ops.gptfast_triton.gelu_mlp_bwd(dy2, x, w_fc, w_proj, h, g,
+                                                                                   ctx.exact)
         return (dx.view(x.shape), dw_fc, db_fc if ctx.has_b[0] else None, dw_proj,
-                db_proj if ctx.has_b[1] else None)
+                db_proj if ctx.has_b[1] else None, None)
 
 
 def gelu_mlp(
     x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
-    b_proj: torch.Tensor | None,
+    b_proj: torch.Tensor | None, activation: str = "gelu_tanh",
 ) -> torch.Tensor:
-    """gelu_tanh(x w_fc^T + b_fc) w_proj^T + b_proj with fused epilogues.
+    """gelu(x w_fc^T + b_fc) w_proj^T + b_proj with fused epilogues (activation: "gelu_tanh" or
+    "gelu", the exact erf GELU).
 
     x: (..., C); w_fc: (F, C); b_fc: (F,) or None; w_proj: (C_out, F); b_proj: (C_out,) or None;
     all fp16/bf16/fp32, one dtype, CUDA (CPU under TRITON_INTERPRET=1). Returns (..., C_out);
     differentiable w.r.t. every tensor argument.
     """
     _check(x, w_fc, b_fc, w_proj, b_proj)
-    return _GeluMLP.apply(x, w_fc, b_fc, w_proj, b_proj)
+    if activation not in ("gelu_tanh", "gelu"):
+        raise ValueError(f"gelu_mlp: activation must be 'gelu_tanh' or 'gelu', got {activation!r}")
+    return _GeluMLP.apply(x, w_fc, b_fc, w_proj, b_proj, activation == "gelu")

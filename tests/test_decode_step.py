@@ -19,10 +19,11 @@ def _native():
     assert native.decode_step_available()
 
 
-def _setup(n_layer=2, n_head=3, n_embd=24, vocab=37, block=16, bias=True, B=3, weight_dtype=None, seed=0):
+def _setup(n_layer=2, n_head=3, n_embd=24, vocab=37, block=16, bias=True, B=3, weight_dtype=None, seed=0,
+           activation="gelu_tanh"):
     torch.manual_seed(seed)
     cfg = GPTConfig(block_size=block, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                    dropout=0.0, bias=bias)
+                    dropout=0.0, bias=bias, activation=activation)
     model = GPT(cfg, backend="native").eval()
     if bias:  # non-zero biases and LayerNorm affine parameters, so a dropped one shows
         with torch.no_grad():
@@ -51,6 +52,8 @@ def _setup(n_layer=2, n_head=3, n_embd=24, vocab=37, block=16, bias=True, B=3, w
     dict(n_layer=1, n_head=4, n_embd=64, vocab=300, B=1),      # D = 16, one row
     dict(weight_dtype=torch.bfloat16),                         # bf16 matrices, fp32 math
     dict(n_head=1, n_embd=40, B=5, weight_dtype=torch.bfloat16),
+    dict(activation="gelu"),                                   # exact (erf) GELU: exact_gelu=True
+    dict(n_head=1, n_embd=40, B=5, weight_dtype=torch.bfloat16, activation="gelu"),
 ])
 def test_equals_the_python_step(cfg):
     model, w, fns, args, kc, vc, tokens, pos = _setup(**cfg)
@@ -77,13 +80,15 @@ def test_cache_rows_written_at_their_positions():
 
 def test_opcheck():
     model, w, fns, args, kc, vc, tokens, pos = _setup(B=2)
-    wte, wpe, flat, lnf_w, lnf_b, w_head, eps = args
+    wte, wpe, flat, lnf_w, lnf_b, w_head, eps, exact_gelu = args
     torch.library.opcheck(torch.ops.gptfast.decode_step.default,
                           (tokens, pos, wte, wpe, flat, lnf_w, lnf_b, w_head, kc, vc, eps))
+    torch.library.opcheck(torch.ops.gptfast.decode_step.default,
+                          (tokens, pos, wte, wpe, flat, lnf_w, lnf_b, w_head, kc, vc, eps, True))
 
 
 def _call(args, kc, vc, tokens, pos, over):
-    wte, wpe, flat, lnf_w, lnf_b, w_head, eps = args
+    wte, wpe, flat, lnf_w, lnf_b, w_head, eps, _exact = args
     a = dict(tokens=tokens, pos=pos, wte=wte, wpe=wpe, layers=list(flat), lnf_w=lnf_w, lnf_b=lnf_b,
              w_head=w_head, k_cache=kc, v_cache=vc, eps=eps)
     a.update(over)

@@ -253,6 +253,8 @@ def write_nanogpt_ckpt(path: Path, hf, *, bias=True, compiled=True) -> dict:
     """A ckpt.pt as nanoGPT's train.py writes it: model / optimizer / model_args / iter_num /
     best_val_loss / config; torch.compile'd models prefix every key with `_orig_mod.`."""
     c = hf.config
+    # nanoGPT's MLP is nn.GELU() (exact erf): only an HF model with the same GELU stands in for it
+    assert c.activation_function == "gelu", "a nanoGPT stand-in needs activation_function='gelu'"
     state = to_nanogpt_state(hf)
     state.pop("lm_head.weight")
     state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: the same tensor, as nanoGPT
@@ -278,7 +280,7 @@ def write_nanogpt_ckpt(path: Path, hf, *, bias=True, compiled=True) -> dict:
 @pytest.fixture(scope="module")
 def hf_padded():
     # nanoGPT's padded GPT-2 vocabulary
-    return make_hf(vocab_size=50304, n_positions=32, seed=9)
+    return make_hf(vocab_size=50304, n_positions=32, seed=9, activation_function="gelu")
 
 
 def test_nanogpt_padded_vocab_trimmed_by_default(hf_padded, tmp_path):
@@ -302,7 +304,7 @@ def test_nanogpt_padded_vocab_trimmed_by_default(hf_padded, tmp_path):
 
 @pytest.mark.parametrize("bias, compiled", [(True, False), (False, True)])
 def test_nanogpt_small(tmp_path, bias, compiled):
-    hf = make_hf(seed=11)
+    hf = make_hf(seed=11, activation_function="gelu")  # nanoGPT's nn.GELU()
     if not bias:  # the same function as a bias-free nanoGPT model
         with torch.no_grad():
             for name, p in hf.named_parameters():
@@ -319,7 +321,7 @@ def test_nanogpt_small(tmp_path, bias, compiled):
 
 
 def test_nanogpt_char_checkpoint_needs_a_tokenizer(tmp_path):
-    hf = make_hf(vocab_size=65, seed=13)
+    hf = make_hf(vocab_size=65, seed=13, activation_function="gelu")
     p = tmp_path / "ckpt.pt"
     write_nanogpt_ckpt(p, hf)
     with pytest.raises(CheckpointError, match=r"meta\.pkl.*pass one"):
@@ -535,8 +537,9 @@ def test_cli_generate_from_hf_dir_and_nanogpt_ckpt(gpt2_vocab_hf, tmp_path, caps
     if fmt == "hf-dir":
         path = tmp_path / "hf"
         gpt2_vocab_hf.save_pretrained(path)
-    else:
+    else:  # the same weights with nanoGPT's exact GELU
         path = tmp_path / "ckpt.pt"
+        gpt2_vocab_hf = make_hf(vocab_size=50257, n_positions=64, seed=17, activation_function="gelu")
         write_nanogpt_ckpt(path, gpt2_vocab_hf)
     prompt = "Hello, world"
     tok = GPT2Tokenizer()
@@ -553,7 +556,7 @@ def test_cli_generate_char_nanogpt_ckpt_one_line_error(tmp_path, capsys):
     from gptfast.cli import main
 
     p = tmp_path / "ckpt.pt"
-    write_nanogpt_ckpt(p, make_hf(vocab_size=65, seed=18))
+    write_nanogpt_ckpt(p, make_hf(vocab_size=65, seed=18, activation_function="gelu"))
     rc = main(["generate", "--checkpoint", str(p), "--max-new-tokens", "3"])
     _, err = capsys.readouterr()
     assert rc == 2

@@ -13,7 +13,7 @@
 // The computation is exactly gptfast.engine.decode_one_token's with the native backend (same
 // kernels, same order: embedding + position, then per block ln_1 -> c_attn -> write K/V at each
 // row's own position -> decode attention over positions 0..pos[b] -> c_proj + residual -> ln_2 ->
-// GELU-MLP + residual, then ln_f and the LM head), so the two agree to the last bit; the tests
+// GELU-MLP + residual (exact_gelu: the erf GELU, else the tanh one), then ln_f and the LM head), so the two agree to the last bit; the tests
 // check both against the reference generation.
 //
 // Weights are nn.Linear's (out, in) layout, used in place. Matrices may be fp32 or bf16
@@ -80,7 +80,7 @@ void write_kv(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const int64
 at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& wte, const at::Tensor& wpe,
                        const c10::List<c10::optional<at::Tensor>>& layers, const c10::optional<at::Tensor>& lnf_w,
                        const c10::optional<at::Tensor>& lnf_b, const at::Tensor& w_head, at::TensorList k_cache,
-                       at::TensorList v_cache, double eps) {
+                       at::TensorList v_cache, double eps, bool exact_gelu) {
   // ---- inputs: every one checked here, before anything is written to the caches
   TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
               ": tokens must be a 1-D int64 CPU tensor (B,), got ", tokens.scalar_type(), " ", tokens.sizes(), " on ",
@@ -171,7 +171,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
     const at::Tensor y = decode_attention_cpu(q, kc, vc, lens, scale);     // (B, H, 1, D) contiguous
     x.add_(skinny_linear(y.view({B, C}), *at_(4), at_(5)));
     h = std::get<0>(layer_norm_fwd(x, at_(6), at_(7), eps));
-    x.add_(gelu_mlp_infer(h, *at_(8), at_(9), *at_(10), at_(11)));
+    x.add_(gelu_mlp_infer(h, *at_(8), at_(9), *at_(10), at_(11), exact_gelu));
   }
   x = std::get<0>(layer_norm_fwd(x, lnf_w, lnf_b, eps));
   return skinny_linear(x, w_head, c10::nullopt);  // (B, V) fp32

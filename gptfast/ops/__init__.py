@@ -35,6 +35,7 @@ from gptfast.errors import UserError
 BACKENDS = ("reference", "torch", "native", "triton")
 OPS = ("causal_attention", "layer_norm", "gelu_mlp", "decode_attention", "sample")
 _AUTO_ORDER = ("triton", "native", "torch", "reference")
+_ACTIVATIONS = ("gelu_tanh", "gelu")  # gelu_mlp's; = gptfast.config.ACTIVATIONS
 _MODULES = {
     "reference": "gptfast.ops.reference",
     "torch": "gptfast.ops.torch_ops",
@@ -267,15 +268,19 @@ def gelu_mlp(
     w_proj: torch.Tensor,
     b_proj: torch.Tensor | None,
     *,
+    activation: str = "gelu_tanh",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """GPT-2's MLP, gelu_tanh(x w_fc^T + b_fc) w_proj^T + b_proj, with bias + GELU fused.
+    """GPT-2's MLP, gelu(x w_fc^T + b_fc) w_proj^T + b_proj, with bias + GELU fused.
 
     x: (..., C); w_fc: (F, C); b_fc: (F,) or None; w_proj: (C_out, F); b_proj: (C_out,) or None
-    (`nn.Linear` layout), all one dtype and device. Returns (..., C_out). Differentiable w.r.t.
-    every tensor argument.
+    (`nn.Linear` layout), all one dtype and device. activation: "gelu_tanh" (GPT-2's tanh
+    approximation) or "gelu" (the exact erf GELU, `torch.nn.GELU()`; see `GPTConfig.activation`).
+    Returns (..., C_out). Differentiable w.r.t. every tensor argument.
     """
     op = "gelu_mlp"
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     _check_tensor("x", x, op)
     _check_float("x", x, op)
     _check_same(op, "x", x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj)
@@ -293,8 +298,8 @@ def gelu_mlp(
         raise ValueError(
             f"{op}: b_proj must have shape ({w_proj.shape[0]},), got {tuple(b_proj.shape)}"
         )
-    fn = _impl(op, x.device.type, backend, dtype=x.dtype)
-    return fn(x, w_fc, b_fc, w_proj, b_proj)
+    fn = _impl(op, x.device.type, backend, dtype=x.dtype, activation=activation)
+    return fn(x, w_fc, b_fc, w_proj, b_proj, activation=activation)
 
 
 def decode_attention(

@@ -291,20 +291,20 @@ def _register_fakes() -> None:
         return _empty((M, N), x), _empty((N,), x), _empty((N,), x)
 
     @reg("gptfast::gelu_mlp_fwd")
-    def _(x, w_fc, b_fc, w_proj, b_proj):
+    def _(x, w_fc, b_fc, w_proj, b_proj, exact=False):
         _fake_check(x.dim() == 2 and w_fc.dim() == 2 and w_proj.dim() == 2, "gelu_mlp_fwd: x, w_fc, w_proj must be 2-D")
         _fake_check(w_fc.shape[1] == x.shape[1] and w_proj.shape[1] == w_fc.shape[0], "gelu_mlp_fwd: shape mismatch")
         M, F = x.shape[0], w_fc.shape[0]
         return _empty((M, w_proj.shape[0]), x), _empty((M, F), x)
 
     @reg("gptfast::gelu_mlp_infer")
-    def _(x, w_fc, b_fc, w_proj, b_proj):
+    def _(x, w_fc, b_fc, w_proj, b_proj, exact=False):
         _fake_check(x.dim() == 2 and w_fc.dim() == 2 and w_proj.dim() == 2, "gelu_mlp_infer: x, w_fc, w_proj must be 2-D")
         _fake_check(w_fc.shape[1] == x.shape[1] and w_proj.shape[1] == w_fc.shape[0], "gelu_mlp_infer: shape mismatch")
         return _empty((x.shape[0], w_proj.shape[0]), x)
 
     @reg("gptfast::gelu_mlp_bwd")
-    def _(dy, x, w_fc, w_proj, pre):
+    def _(dy, x, w_fc, w_proj, pre, exact=False):
         F, C = w_fc.shape
         C_out = w_proj.shape[0]
         return (_empty(tuple(x.shape), x), _empty((F, C), x), _empty((F,), x),
@@ -333,12 +333,16 @@ def _register_fakes() -> None:
         return _empty((x.shape[0], weight.shape[0]), x)
 
     @reg("gptfast::decode_step")
-    def _(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache, eps):
+    def _(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache, eps, exact_gelu=False):
         _fake_check(tokens.dim() == 1, f"decode_step: tokens must be 1-D (B,), got {tuple(tokens.shape)}")
         _fake_check(w_head.dim() == 2, f"decode_step: w_head must be 2-D (V, C), got {tuple(w_head.shape)}")
         _fake_check(len(layers) == 12 * len(k_cache) and len(k_cache) == len(v_cache),
                     "decode_step: layers must hold 12 entries per cache layer")
         return _empty((tokens.shape[0], w_head.shape[0]), wpe, torch.float32)
+
+    @reg("gptfast::erf")
+    def _(x):
+        return _empty(tuple(x.shape), x)
 
     @reg("gptfast::sample")
     def _(logits, temperature, top_k, top_p, uniform):
@@ -364,17 +368,20 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 
 def _mlp_setup(ctx, inputs, output):
-    x, w_fc, b_fc, w_proj, b_proj = inputs
+    x, w_fc, b_fc, w_proj, b_proj = inputs[:5]
     _y, pre = output
     ctx.save_for_backward(x, w_fc, w_proj, pre)
     ctx.has_b = (b_fc is not None, b_proj is not None)
+    ctx.exact = bool(inputs[5]) if len(inputs) > 5 else False  # the schema's default
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(pre)
 
 
 def _mlp_backward(ctx, dy, _dpre):
     x, w_fc, w_proj, pre = ctx.saved_tensors
-    dx, dw_fc, db_fc, dw_proj, db_proj = torch.ops.gptfast.gelu_mlp_bwd(dy, x, w_fc, w_proj, pre)
-    return dx, dw_fc, (db_fc if ctx.has_b[0] else None), dw_proj, (db_proj if ctx.has_b[1] else None)
+    dx, dw_fc, db_fc, dw_proj, db_proj = torch.ops.gptfast.gelu_mlp_bwd(dy, x, w_fc, w_proj, pre, ctx.exact)
+    grads = (dx, dw_fc, (db_fc if ctx.has_b[0] else None), dw_proj, (db_proj if ctx.has_b[1] else None))
+    return grads + (None,) * (ctx.n_inputs - 5)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -485,15 +492,18 @@ def gelu_mlp(
     b_fc: torch.Tensor | None,
     w_proj: torch.Tensor,
     b_proj: torch.Tensor | None,
+    activation: str = "gelu_tanh",
 ) -> torch.Tensor:
-    """gelu_tanh(x w_fc^T + b_fc) w_proj^T + b_proj; see `reference.gelu_mlp`. x: (..., C)."""
+    """gelu(x w_fc^T + b_fc) w_proj^T + b_proj; see `reference.gelu_mlp`. x: (..., C).
+    activation "gelu" runs the kernels with exact=True (erf GELU), "gelu_tanh" with exact=False."""
     ensure_loaded()
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
+    exact = activation == "gelu"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_fc, b_fc, w_proj, b_proj)):
-        y, _pre = torch.ops.gptfast.gelu_mlp_fwd(x2, w_fc, b_fc, w_proj, b_proj)  # pre saved for backward
+        y, _pre = torch.ops.gptfast.gelu_mlp_fwd(x2, w_fc, b_fc, w_proj, b_proj, exact)  # pre saved for backward
     else:  # inference: no pre to keep, GELU in place
-        y = torch.ops.gptfast.gelu_mlp_infer(x2, w_fc, b_fc, w_proj, b_proj)
+        y = torch.ops.gptfast.gelu_mlp_infer(x2, w_fc, b_fc, w_proj, b_proj, exact)
     return y.view(*x.shape[:-1], w_proj.shape[0])
 
 
@@ -514,17 +524,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.gptfast.skinny_linear(x, weight, bias)
 
 
-def decode_step(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache, eps: float) -> torch.Tensor:
+def decode_step(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache, eps: float,
+                exact_gelu: bool = False) -> torch.Tensor:
     """One GPT-2 decoding step in one native CPU op (no Python between kernels): tokens, pos (B,)
     int64 -> logits (B, V) fp32, writing each row's K/V into `k_cache` / `v_cache` at pos.
 
     Arguments as the schema in csrc/registration.cpp (`layers`: 12 tensors or None per block,
-    nn.Linear layouts, matrices fp32 or bf16). `gptfast.engine` builds them; see
+    nn.Linear layouts, matrices fp32 or bf16; exact_gelu: the erf GELU instead of the tanh one).
+    `gptfast.engine` builds them; see
     csrc/cpu/decode_step.cpp for what it computes.
     """
     ensure_loaded()
     return torch.ops.gptfast.decode_step(tokens, pos, wte, wpe, layers, lnf_w, lnf_b, w_head, k_cache, v_cache,
-                                         float(eps))
+                                         float(eps), bool(exact_gelu))
 
 
 def decode_step_available() -> bool:

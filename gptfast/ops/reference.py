@@ -104,22 +104,30 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+def gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    """GELU, exact: x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016; what
+    `torch.nn.GELU()` and nanoGPT compute)."""
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def gelu_mlp(
     x: torch.Tensor,
     w_fc: torch.Tensor,
     b_fc: torch.Tensor | None,
     w_proj: torch.Tensor,
     b_proj: torch.Tensor | None,
+    activation: str = "gelu_tanh",
 ) -> torch.Tensor:
     """GPT-2's MLP: gelu(x w_fc^T + b_fc) w_proj^T + b_proj.
 
     x: (..., C); w_fc: (F, C); b_fc: (F,) or None; w_proj: (C_out, F); b_proj: (C_out,) or None.
-    Weights use `nn.Linear`'s (out, in) layout. Returns (..., C_out) in x's dtype.
+    Weights use `nn.Linear`'s (out, in) layout. activation: "gelu_tanh" (`gelu_tanh`) or "gelu"
+    (`gelu_exact`). Returns (..., C_out) in x's dtype.
     """
     h = x @ w_fc.t()  # (..., F)
     if b_fc is not None:
         h = h + b_fc
-    h = gelu_tanh(h)
+    h = gelu_exact(h) if activation == "gelu" else gelu_tanh(h)
     y = h @ w_proj.t()  # (..., C_out)
     if b_proj is not None:
         y = y + b_proj

@@ -42,8 +42,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
-    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh"):
+    approximate = "none" if activation == "gelu" else "tanh"
+    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate=approximate), w_proj, b_proj)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):

@@ -71,8 +71,8 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return _kernels("layer_norm").layer_norm(x, weight, bias, eps)
 
 
-def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
-    return _kernels("gelu_mlp").gelu_mlp(x, w_fc, b_fc, w_proj, b_proj)
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh"):
+    return _kernels("gelu_mlp").gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation=activation)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
