@@ -134,6 +134,7 @@ def build(gen: Path, flavors: list[str], drivers: list[str] | None = None, cache
     if cache:
         out = _cache_root() / f"cudashim-{_digest(gen, flavors, drivers)}"
         if (out / "COMPLETE").is_file():
+            os.utime(out)  # most recently used: kept by _prune_cache
             return out
         _cache_root().mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=_cache_root()))
@@ -164,6 +165,8 @@ def build(gen: Path, flavors: list[str], drivers: list[str] | None = None, cache
             rc, log, _ = _sh(cmd)
             assert rc == 0, f"linking {d} ({fl}) failed:\n$ {' '.join(cmd)}\n{log}"
     if cache:
+        for o in work.glob("*/*.o"):  # only the executables are reused
+            o.unlink()
         (work / "COMPLETE").write_text("ok\n")
         try:
             os.replace(work, out)  # atomic publish; a concurrent run may have published first
@@ -171,7 +174,20 @@ def build(gen: Path, flavors: list[str], drivers: list[str] | None = None, cache
             shutil.rmtree(work, ignore_errors=True)
             if not (out / "COMPLETE").is_file():
                 raise
+        _prune_cache(keep=out)
     return out
+
+
+def _prune_cache(keep: Path, n_keep: int = 2) -> None:
+    """Remove our older builds (cudashim-<hash>, ~50 MB each) beyond the newest `n_keep`, and
+    temporary build directories abandoned more than an hour ago. Touches nothing else."""
+    root = _cache_root()
+    done = [p for p in root.glob("cudashim-*") if re.fullmatch(r"cudashim-[0-9a-f]{16}", p.name) and p != keep]
+    done.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    stale = [p for p in root.glob("cudashim-*.tmp*")
+             if re.fullmatch(r"cudashim-[0-9a-f]{16}\.tmp\w+", p.name) and time.time() - p.stat().st_mtime > 3600]
+    for p in done[n_keep - 1:] + stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def run_driver(exe: Path, level: str, env_extra: dict[str, str], timeout: int = RUN_TIMEOUT) -> tuple[bool, str]:
