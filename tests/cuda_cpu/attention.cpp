@@ -15,6 +15,7 @@ namespace {
 struct Shape {
   int64_t B, H, T, D;
   bool packed;  // (B, T, 3, H, D) qkv views, else three contiguous (B, H, T, D) tensors
+  double amp = 1.0;  // q scale: 4 gives scores of tens (peaked softmax: the online max rescaling matters)
 };
 
 // Logical (b, h, t, d) values; R is the arithmetic type (double: ref64, float: the fp32 baseline).
@@ -100,12 +101,12 @@ void run_case(DType dt, const Shape& s) {
   const int64_t B = s.B, H = s.H, T = s.T, D = s.D, BH = B * H, n = BH * T * D;
   const double scale = 1.0 / std::sqrt(double(D));
   char name[160];
-  std::snprintf(name, sizeof name, "%s B%lld H%lld T%lld D%lld %s", drv::dtype_name(dt), (long long)B, (long long)H,
-                (long long)T, (long long)D, s.packed ? "packed(B,T,3,H,D)" : "contiguous");
+  std::snprintf(name, sizeof name, "%s B%lld H%lld T%lld D%lld %s%s", drv::dtype_name(dt), (long long)B, (long long)H,
+                (long long)T, (long long)D, s.packed ? "packed(B,T,3,H,D)" : "contiguous", s.amp != 1.0 ? " peaked" : "");
   // Inputs, rounded through the dtype (logical (b, h, t, d) order).
   std::vector<double> q(n), k(n), v(n), dout(n);
   for (auto* a : {&q, &k, &v, &dout})
-    for (auto& x : *a) x = drv::rnd(dt, drv::normal());
+    for (auto& x : *a) x = drv::rnd(dt, drv::normal() * (a == &q ? s.amp : 1.0));
 
   // Device-side (host) buffers.
   Buf qkv(dt, s.packed ? 3 * n : 1), qb(dt, s.packed ? 1 : n), kb(dt, s.packed ? 1 : n), vb(dt, s.packed ? 1 : n);
@@ -222,6 +223,8 @@ int main(int argc, char** argv) {
           if (full) cases.push_back({dt, {1, 3, T, D, false}});
         }
     cases.push_back({DType::kFloat16, {2, 3, 17, 64, false}});
+    cases.push_back({DType::kFloat32, {1, 2, 130, 64, true, 4.0}});
+    cases.push_back({DType::kBFloat16, {1, 2, 65, 32, false, 4.0}});
   }
   for (const auto& c : cases) run_case(c.first, c.second);
   unsupported();

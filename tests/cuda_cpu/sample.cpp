@@ -20,7 +20,8 @@ struct Config {
   float temperature;
   int64_t top_k;
   float top_p;
-  int kind;  // 0: random logits, 1: few distinct values (many ties), 2: all equal, 3: one NaN (argmax)
+  int kind;  // 0: random logits, 1: few distinct values (many ties), 2: all equal, 3: one NaN (argmax),
+             // 4: random with most tokens banned (-inf)
 };
 
 // Kept, renormalised probabilities in fp64 (all zero for temperature 0).
@@ -115,6 +116,7 @@ void run(const Config& c) {
       if (c.kind == 0) x = float(2.0 * drv::normal());
       else if (c.kind == 1) x = float(std::round(drv::normal() * 2.0) / 2.0);
       else if (c.kind == 2) x = 1.25f;
+      else if (c.kind == 4) x = (i % 5 == 2) ? float(2.0 * drv::normal()) : -INFINITY;
       else x = float(drv::normal());
       logits[b * V + i] = x;
     }
@@ -153,7 +155,11 @@ void run(const Config& c) {
   char name[200];
   std::snprintf(name, sizeof name, "V%lld T%g top_k%lld top_p%g %s%s", (long long)V, double(c.temperature),
                 (long long)c.top_k, double(top_p),
-                c.kind == 0 ? "random" : c.kind == 1 ? "ties" : c.kind == 2 ? "all-equal" : "with NaN",
+                c.kind == 0   ? "random"
+                : c.kind == 1 ? "ties"
+                : c.kind == 2 ? "all-equal"
+                : c.kind == 3 ? "with NaN"
+                              : "banned (-inf)",
                 moved ? " (u / top_p moved off a boundary)" : "");
   drv::expect_status(std::string("sample launch ") + name, e, cudaSuccess);
   if (e != cudaSuccess) return;
@@ -184,6 +190,7 @@ int main(int argc, char** argv) {
   if (lv == drv::Level::kTiny) {
     cs.push_back({37, 1.f, 5, 0.9f, 1});
     cs.push_back({40, 0.f, 0, 1.f, 3});
+    cs.push_back({37, 1.f, 3, 0.8f, 4});
   } else if (lv == drv::Level::kSmall) {
     for (const Config& c : {Config{37, 1.f, 5, 0.9f, 1}, Config{40, 0.f, 0, 1.f, 3}, Config{300, 0.7f, 0, 0.5f, 0},
                             Config{1, 1.f, 0, 1.f, 0}, Config{600, 1.f, 1, 1.f, 1}})
@@ -207,6 +214,9 @@ int main(int argc, char** argv) {
     cs.push_back({37, 1.f, 0, 1e-6f, 2});   // all equal, tiny p: all kept (none strictly more probable)
     cs.push_back({1000, 1.f, 1, 1.f, 1});   // k = 1 with ties at the maximum
     cs.push_back({1000, 1.f, 0, 1e-6f, 0}); // tiny p: the most probable token only
+    for (int64_t k : {int64_t(0), int64_t(3)})  // banned tokens (-inf logits) never drawn
+      for (float p : {1.f, 0.8f}) cs.push_back({37, 0.9f, k, p, 4});
+    cs.push_back({1000, 0.f, 0, 1.f, 4});
     if (lv == drv::Level::kFull) cs.push_back({50257, 0.8f, 50, 0.95f, 0});
   }
   for (const Config& c : cs) run(c);
