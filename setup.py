@@ -69,6 +69,8 @@ ext_modules, cmdclass = _extensions()
 
 TRANSFORMERS = "transformers>=5.23,<5.25"
 TRITON = "triton>=3.6,<3.10"
+GGUF = "gguf>=0.17"
+CTRANSLATE2 = "ctranslate2>=4.0"
 
 setup(
     name="gptfast",
@@ -94,6 +96,9 @@ setup(
         # machines' version; its CPU interpreter needs numpy < 2.3.
         "triton": [TRITON],
         "plot": ["matplotlib"],
+        "gguf": [GGUF],  # gptfast export-gguf (llama.cpp's file format)
+        # `gptfast bench generate` peers; llama-cpp-python builds llama.cpp from source (long).
+        "peers": [GGUF, CTRANSLATE2, "llama-cpp-python>=0.3.36"],
         "test": [
             "pytest",
             "pytest-xdist",
@@ -101,6 +106,8 @@ setup(
             "pytest-benchmark",
             TRANSFORMERS,  # gptfast.patch mirrors GPT2Attention: 5.23 and 5.24 are checked
             TRITON,  # the Triton kernels run under TRITON_INTERPRET=1 on CPU in the default run
+            GGUF,  # tests/test_gguf.py reads our GGUF files back
+            CTRANSLATE2,  # tests/test_bench_peers.py: the CTranslate2 peer at a tiny size (a 43 MB wheel)
             "matplotlib",
             "ninja",
         ],
