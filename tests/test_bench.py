@@ -242,13 +242,16 @@ def test_bench_plot_from_saved_json(tmp_path):
     assert (tmp_path / (json_path.stem + "-attention-scaling.png")).exists()
 
 
-def test_generate_suite_import_error_is_not_swallowed(tmp_path, monkeypatch):
-    # A broken gptfast.bench_generate is a bug: it must surface, not become a "not available" row.
+def test_generate_suite_import_error_is_not_swallowed(tmp_path, monkeypatch, capsys):
+    # A broken gptfast.bench_generate is a bug: it must surface as one (traceback + "internal
+    # error", exit 1), not become a "not available" row.
     import sys
 
     monkeypatch.setitem(sys.modules, "gptfast.bench_generate", None)  # import raises ImportError
-    with pytest.raises(ImportError):
-        main(["bench", "generate", "--out", str(tmp_path), "--no-plot"])
+    assert main(["bench", "generate", "--out", str(tmp_path), "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "gptfast.bench_generate" in err and "internal error" in err
+    assert not list(tmp_path.glob("generate-*.json"))
 
 
 def test_generate_suite_uses_benchmark_generate(tmp_path, capsys, monkeypatch):
