@@ -463,8 +463,9 @@ def run_suite(suite: str, args) -> Path:
 
         print(f"\n== bench generate ({where}) ==")
         print(format_rows(rows))
-        print("tok/s = batch x new tokens / wall time of generate(); vs HF = tok/s / Hugging Face's, same "
-              "run; % bound = time of the bandwidth bound (read-only GB/s of this run / bytes per step) / time")
+        print("tok/s = batch x new tokens / wall time of generate(); vs HF = tok/s / the fastest Hugging Face "
+              "configuration's, same run (named below the table); % bound = bound step time (bytes per step / "
+              "the better of the start and end read-bandwidth readings, below) / time")
     else:
         print(records.format_table(rows, args.device, f"bench {suite} ({where})", footer))
     if scale_rows:
