@@ -319,8 +319,10 @@ def test_planted_bug_is_caught(tmp_path, name):
     for mode, (flavor, level, env) in MODES.items():
         ok, log = run_driver(out / flavor / driver, level, {**SAN_ENV.get(flavor, {}), **env}, timeout=300)
         if not ok:
-            first = next((ln for ln in log.splitlines() if ln.startswith("FAIL") or "ERROR" in ln or "cudashim" in ln
-                          or "runtime error" in ln), log.strip().splitlines()[-1] if log.strip() else "")
+            lines = log.splitlines()
+            # the most telling line: a sanitizer's verdict, a shim abort, a failed check
+            first = next((ln for key in ("Sanitizer", "runtime error", "cudashim:", "FAIL") for ln in lines if key in ln),
+                         lines[-1] if lines else "")
             caught[mode] = first[:200]
     print(f"\nPLANTED [{name}] caught by: {', '.join(caught) or 'NONE'}")
     for mode, first in caught.items():
