@@ -33,7 +33,7 @@ HF_ACTIVATION_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 def activation_from_hf(name: Any) -> str:
     """Our activation for a Hugging Face `activation_function`; ValueError for any other function."""
-    if name not in HF_ACTIVATIONS:
+    if not isinstance(name, str) or name not in HF_ACTIVATIONS:
         raise InputError(
             f"activation_function is {name!r}, expected one of {sorted(HF_ACTIVATIONS)} (GELU: "
             "gelu_new / gelu_pytorch_tanh / gelu_accurate / gelu_fast = tanh approximation, "

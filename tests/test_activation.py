@@ -422,6 +422,11 @@ def test_hf_other_activations_refused(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     with pytest.raises(CheckpointError, match=r"activation_function is 'quick_gelu', expected one of"):
         from_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["activation_function"] = ["gelu"]  # not even a name: the same clear refusal
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"activation_function is \['gelu'\], expected one of"):
+        from_pretrained(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("hf_act", ["gelu", "gelu_new"])
