@@ -129,9 +129,7 @@ def sliding_window_perplexity(
     n_scored = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=None)  # None: off when not a TTY
+        bar = _Progress(len(windows))
     try:
         for batch in batches:
             x = torch.stack([t[b:e] for b, e, _ in batch]).to(device)  # (B, T)
@@ -151,6 +149,45 @@ def sliding_window_perplexity(
     return math.exp(nll_sum / n_scored), n_scored
 
 
+PROGRESS_INTERVAL_S = 10.0  # seconds between progress lines when stderr is not a terminal
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line on stderr about every
+    `PROGRESS_INTERVAL_S` seconds, so long runs are never silent."""
+
+    def __init__(self, total: int, desc: str = "perplexity") -> None:
+        import sys
+        import time
+
+        self.total, self.done, self.desc, self.interval = total, 0, desc, PROGRESS_INTERVAL_S
+        self._time = time.perf_counter
+        self.t0 = self.t_last = self._time()
+        self.bar = None
+        self.stream = sys.stderr
+        if getattr(sys.stderr, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="window")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = self._time()
+        if now - self.t_last >= self.interval or self.done == self.total:
+            self.t_last = now
+            el = now - self.t0
+            left = el / self.done * (self.total - self.done) if self.done else float("nan")
+            print(f"{self.desc}: {self.done}/{self.total} windows ({100 * self.done / self.total:.0f}%), "
+                  f"{el:.0f} s elapsed, ~{left:.0f} s left", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # ----------------------------------------------------------------------------- CLI glue
 
 
@@ -159,7 +196,7 @@ def add_arguments(p) -> None:
     p.add_argument("--text-file", required=True, help="UTF-8 text to score")
     p.add_argument("--max-length", type=int, default=None, help="window length (default: block size)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: max-length / 2)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (memory: batch x max-length x vocab logits)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
