@@ -428,7 +428,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     tokens_per_iter = cfg.batch_size * raw_model.config.block_size * cfg.grad_accum * dist_info.world_size
     bar = None
-    if dist_info.master and cfg.progress:
+    # A bar on a terminal; in a log (stderr not a terminal) a line every log_interval steps.
+    if dist_info.master and cfg.progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", dynamic_ncols=True,

@@ -104,7 +104,8 @@ def _assert_user_error(proc, needle):
     """One line `gptfast: error: ...` naming the problem, exit 2, nothing on stdout, no traceback."""
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "", f"stdout before the error: {proc.stdout!r}"
-    lines = proc.stderr.strip().splitlines()
+    # (a first use after a source change may also announce the native build on stderr)
+    lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("gptfast: building the native")]
     assert len(lines) == 1 and lines[0].startswith("gptfast: error:") and needle in lines[0], proc.stderr
 
 

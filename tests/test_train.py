@@ -247,6 +247,15 @@ def test_train_and_resume_keep_the_users_files(small_text, tmp_path, capsys):
     assert os.stat(proj).st_mode & 0o7777 == 0o751
 
 
+def test_progress_lines_when_stderr_is_not_a_terminal(small_text, tmp_path, capsys):
+    """In a log (stderr not a TTY, as under capsys) training prints a line every log_interval
+    steps instead of a carriage-return tqdm bar that a log shows as one endless line."""
+    train(_tiny_cfg(small_text, tmp_path / "p", max_iters=6, eval_interval=6, log_interval=2, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [l.split(":")[0] for l in err.splitlines() if "ms/iter" in l] == ["step 2", "step 4", "step 6"], err
+
+
 @pytest.mark.parametrize("case", ["file", "parent_file", "not_writable"])
 def test_bad_out_dir_refused_before_training(case, small_text, tmp_path, capsys, monkeypatch):
     """--out-dir that is a file, under a file, or not writable: one line, exit 2, before any data

@@ -48,6 +48,7 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -203,12 +204,19 @@ def _jit_build() -> str:
             verbose=os.environ.get("GPTFAST_VERBOSE_BUILD") == "1",
         )
 
+    # The first use after a source change compiles for about a minute: say so (issue #19), on
+    # stderr so that piped output stays clean.
+    t0 = time.perf_counter()
+    print(f"gptfast: building the native extension in {build_dir} (first use after a source change; "
+          "about a minute)...", file=sys.stderr, flush=True)
     try:
         build()
     except OSError:
         # Another process held the build lock and its build failed (or it was killed): cpp_extension
         # then only reports "Could not load this library". Build once ourselves for the real error.
         build()
+    print(f"gptfast: building the native extension: done in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr, flush=True)
     _mark_used(build_dir)
     return lib
 
