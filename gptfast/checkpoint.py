@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from gptfast.config import GPTConfig
-from gptfast.errors import UserError
+from gptfast.errors import MissingFileError, UserError
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer, Tokenizer, tokenizer_from_dict
 
@@ -154,7 +154,7 @@ def checkpoint_path(directory: str | os.PathLike, role: str = "weights") -> Path
     d = _checkpoint_dir(directory)
     name = checkpoint_files(read_checkpoint_info(d)).get(role)
     if name is None:
-        raise FileNotFoundError(f"checkpoint {d} has no {role} file")
+        raise MissingFileError(f"checkpoint {d} has no {role} file")
     return d / name
 
 
@@ -336,7 +336,7 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
         d = d.parent
     _recover(d)
     if not d.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     return d
 
 
@@ -345,7 +345,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     d = _checkpoint_dir(path)
     meta_path = d / META_NAME
     if not meta_path.exists():
-        raise FileNotFoundError(f"not a gptfast checkpoint: {meta_path} is missing")
+        raise MissingFileError(f"not a gptfast checkpoint: {meta_path} is missing")
     try:
         info = json.loads(meta_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -360,10 +360,10 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 def _verify_file(d: Path, role: str, info: dict[str, Any]) -> Path:
     name = checkpoint_files(info).get(role)
     if name is None:
-        raise FileNotFoundError(f"checkpoint {d} has no {role} file")
+        raise MissingFileError(f"checkpoint {d} has no {role} file")
     p = d / name
     if not p.exists():
-        raise FileNotFoundError(f"not a gptfast checkpoint: {p} is missing")
+        raise MissingFileError(f"not a gptfast checkpoint: {p} is missing")
     expected = (info.get("files") or {}).get(name)
     if expected is not None and _sha256(p) != expected:
         raise CheckpointError(

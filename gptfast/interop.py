@@ -407,13 +407,6 @@ def _load(path_or_name: str | os.PathLike, trim_vocab: bool) -> tuple[GPT, Any, 
         return model, tokenizer, "gptfast"
     if kind == "hf":
         return load_hf_dir(p if p.is_dir() else p.parent), None, "hf"
-    obj = _torch_load_weights_only(p)
-    if _is_nanogpt(obj):
-        return load_nanogpt(obj, str(p), trim_vocab=trim_vocab), None, "nanogpt"
-    raise CheckpointError(
-        f"{p}: not a checkpoint gptfast knows: expected a nanoGPT ckpt.pt (a dict with 'model' and "
-        "'model_args'), a Hugging Face GPT-2 directory or a gptfast checkpoint directory"
-    )
     with open(p, "rb") as f:
         magic = f.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save zip / pickle
@@ -421,6 +414,13 @@ def _load(path_or_name: str | os.PathLike, trim_vocab: bool) -> tuple[GPT, Any, 
             f"{p}: not a checkpoint gptfast knows (neither a torch.save file nor safetensors): expected "
             "a gptfast checkpoint directory, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt"
         )
+    obj = _torch_load_weights_only(p)
+    if _is_nanogpt(obj):
+        return load_nanogpt(obj, str(p), trim_vocab=trim_vocab), None, "nanogpt"
+    raise CheckpointError(
+        f"{p}: not a checkpoint gptfast knows: expected a nanoGPT ckpt.pt (a dict with 'model' and "
+        "'model_args'), a Hugging Face GPT-2 directory or a gptfast checkpoint directory"
+    )
 
 
 def from_pretrained(
