@@ -176,6 +176,27 @@ def _unlink_quiet(path: Path) -> None:
         pass
 
 
+def write_file_atomic(path: str | os.PathLike, write: Any) -> Path:
+    """Replace one file crash-safely without touching anything else in its directory: `write(tmp)`
+    fills a temporary file of ours beside it, which is fsynced and renamed over `path`; the
+    directory is fsynced. The file keeps the mode of the one it replaces (new: 0666 - umask)."""
+    path = Path(path).absolute()
+    tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{path.name}"
+    try:
+        write(tmp)
+        try:
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            os.chmod(tmp, 0o666 & ~_umask())
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def _read_json_or_none(path: Path) -> Any:
     try:
         return json.loads(path.read_text())

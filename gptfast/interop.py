@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -496,9 +494,11 @@ def save_pretrained(model: GPT, directory: str | os.PathLike) -> Path:
     `transformers.GPT2LMHeadModel.from_pretrained(directory)` loads with identical logits.
 
     Weights are written in the model's dtype, Conv1D ones transposed to (in, out); a model without
-    biases (`bias=False`) gets explicit zero biases, which computes the same function. The write
-    is atomic: everything goes to a temporary directory beside the target, which is then renamed
-    into place (an existing target is swapped out and deleted only after the rename).
+    biases (`bias=False`) gets explicit zero biases, which computes the same function.
+
+    Only model.safetensors and config.json are written (anything else in the directory, e.g. a
+    tokenizer or a README, is left alone; the directory is never renamed): each goes to a
+    temporary file beside it, fsynced and renamed over the old one, weights first, config last.
     """
     from safetensors.torch import save_file
 
@@ -523,29 +523,16 @@ def save_pretrained(model: GPT, directory: str | os.PathLike) -> Path:
             w = module.weight
             state[f"{name}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
 
+    from gptfast.checkpoint import write_file_atomic
+
     d = Path(directory).absolute()
-    d.parent.mkdir(parents=True, exist_ok=True)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"save_pretrained: {d} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=d.parent))
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config = config_to_hf(config)
-        hf_config["dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for p in tmp.iterdir():  # on disk before the rename makes the directory visible
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        backup = None
-        if d.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{d.name}.old-", dir=d.parent))
-            os.replace(d, backup)
-        os.replace(tmp, d)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    d.mkdir(parents=True, exist_ok=True)
+    hf_config = config_to_hf(config)
+    hf_config["dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    write_file_atomic(d / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_file_atomic(d / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
     return d
 
 

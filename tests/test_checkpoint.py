@@ -462,3 +462,23 @@ def test_hf_dir_with_implausible_config_refused_fast(tmp_path, n_layer, needle):
     with pytest.raises(ckpt.CheckpointError, match=needle):
         load_any(d)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_save_pretrained_keeps_the_directorys_other_files(tmp_path):
+    """`interop.save_pretrained` swapped the whole directory too, deleting e.g. a tokenizer or a
+    README beside config.json. Now only its two files are replaced; mode and inode unchanged."""
+    from gptfast.interop import from_pretrained, save_pretrained
+
+    d = tmp_path / "hf"
+    (d / "sub").mkdir(parents=True)
+    (d / "tokenizer.json").write_text("{}")
+    (d / "sub" / "notes.md").write_text("mine")
+    os.chmod(d, 0o750)
+    user, ino = _tree(d), os.stat(d).st_ino
+    for seed in (1, 2):
+        save_pretrained(_model(seed), d)
+    tree = _tree(d)
+    assert {k: v for k, v in tree.items() if k not in ("config.json", "model.safetensors")} == user
+    assert set(tree) - set(user) == {"config.json", "model.safetensors"}
+    assert os.stat(d).st_ino == ino
+    _assert_same_weights(from_pretrained(d), _model(2))
