@@ -402,6 +402,8 @@ def nonfinite_logit_rows(logits: torch.Tensor) -> dict[int, str]:
     """{row: what is wrong} for the rows of (B, V) `logits` that `sample` refuses: a row holding a
     NaN, a row holding +inf, or a row with no finite logit (all -inf). -inf alone is fine: it
     bans a token (top-k / top-p / a grammar do that)."""
+    if bool(torch.isfinite(logits).all()):  # the usual case: one pass, one host read
+        return {}
     has_nan = torch.isnan(logits).any(-1)
     has_pinf = torch.isposinf(logits).any(-1)
     no_finite = ~torch.isfinite(logits).any(-1)
