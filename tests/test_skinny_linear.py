@@ -10,8 +10,24 @@ import torch
 from gptfast.ops import native, reference
 from tests.helpers import assert_close
 
-MS = [1, 2, 3, 5, 8, 13, 16, 17, 33]
+MS = [1, 2, 3, 4, 5, 8, 13, 16, 17, 33]
 SHAPES = [(67, 131), (768, 2304), (5, 3), (1, 9)]  # (K, N)
+
+# The kernel runs AVX-512 tiles where CPUID has avx512f/bw/vl (tile shape by M: 8x1, 8x2, 6x4, 3x8
+# weight rows x x rows) and the 8-lane kernel of AVX2-only machines elsewhere; GPTFAST_SKINNY_ISA=
+# generic forces the latter, so both are tested on an AVX-512 machine (on an AVX2 machine both
+# parametrisations run the 8-lane kernel). M in MS hits every tile shape and row remainder, N every
+# weight-row remainder (131 = 16 * 8 + 3 = 21 * 6 + 5 = 43 * 3 + 2), K the masked / scalar K tails.
+ISAS = ["auto", "generic"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param == "auto":
+        monkeypatch.delenv("GPTFAST_SKINNY_ISA", raising=False)
+    else:
+        monkeypatch.setenv("GPTFAST_SKINNY_ISA", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,28 +60,29 @@ def _tol32(x, w, K):
 @pytest.mark.parametrize("K,N", SHAPES)
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp32_matches_fp64_reference(M, K, N, bias):
+def test_fp32_matches_fp64_reference(M, K, N, bias, isa):
     x, w, b = _inputs(M, K, N, seed=M * 1000 + K + N)
     b = b if bias else None
     y = native.skinny_linear(x, w, b)
     assert y.dtype == torch.float32 and y.shape == (M, N) and y.is_contiguous()
-    assert_close(y, _ref(x, w, b), atol=_tol32(x, w, K), rtol=1e-5, what=f"M={M} K={K} N={N} bias={bias}")
+    assert_close(y, _ref(x, w, b), atol=_tol32(x, w, K), rtol=1e-5, what=f"{isa} M={M} K={K} N={N} bias={bias}")
 
 
 # bf16 weights with fp32 x (weight-only bf16): exactly x @ w.float().T, i.e. the same tolerance as the
 # fp32 kernel against an fp64 reference of the *widened* weight. K values hit the 32-wide prefetch
 # loop, the 8-wide loop and the scalar tail (K % 8 != 0); N hits every 4-row tile remainder.
 @pytest.mark.parametrize("K,N", [(67, 131), (768, 2304), (5, 3), (1, 9), (40, 6), (3072, 37)])
-@pytest.mark.parametrize("M", [1, 2, 3, 8, 17])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 17])
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_weights_match_fp64_reference_of_the_widened_weight(M, K, N, bias):
+def test_bf16_weights_match_fp64_reference_of_the_widened_weight(M, K, N, bias, isa):
     x, w, b = _inputs(M, K, N, seed=M * 7 + K + N)
     b = b if bias else None
     wb = w.bfloat16()
     y = native.skinny_linear(x, wb, b)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     wf = wb.float()
-    assert_close(y, _ref(x, wf, b), atol=_tol32(x, wf, K), rtol=1e-5, what=f"bf16 w M={M} K={K} N={N} bias={bias}")
+    assert_close(y, _ref(x, wf, b), atol=_tol32(x, wf, K), rtol=1e-5,
+                 what=f"{isa} bf16 w M={M} K={K} N={N} bias={bias}")
     # and strided bf16 weights (row slice: used in place; transposed storage: copied)
     ws = torch.randn(2 * N, K).bfloat16()[::2]
     assert_close(native.skinny_linear(x, ws, None), _ref(x, ws.float(), None), atol=_tol32(x, ws.float(), K),
@@ -96,11 +113,15 @@ def test_fp64(M, bias):
     assert_close(y, _ref(x, w, b), atol=1e-12, rtol=1e-12, what=f"fp64 M={M}")
 
 
-def test_gpt2_head_and_mlp_shapes():
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpt2_head_and_mlp_shapes(M, isa):
     for K, N in [(768, 50257), (3072, 768), (768, 3072)]:
-        x, w, b = _inputs(8, K, N, seed=K + N)
+        x, w, b = _inputs(M, K, N, seed=K + N)
         assert_close(native.skinny_linear(x, w, b), _ref(x, w, b), atol=_tol32(x, w, K), rtol=1e-5,
-                     what=f"{K}->{N}")
+                     what=f"{isa} M={M} {K}->{N}")
+        wb = w.bfloat16()
+        assert_close(native.skinny_linear(x, wb, b), _ref(x, wb.float(), b), atol=_tol32(x, wb.float(), K),
+                     rtol=1e-5, what=f"{isa} bf16 M={M} {K}->{N}")
 
 
 def test_noncontiguous_inputs():

@@ -10,24 +10,48 @@
 // - Parallel over N (at::parallel_for): each thread owns one contiguous range of weight rows, so
 //   it streams its part of the weight sequentially and writes its own columns of y; no reductions
 //   across threads.
-// - Within a range, four weight rows at a time (4 x K floats: 12 KB for K = 768, stays in L1) are
-//   combined with every row of x, two rows at a time: one pass over K computes the 4 x 2 dot
-//   products in 8 independent 8-lane FMA chains (enough to hide the FMA latency; per 8 FMAs the
-//   loop loads 4 weight and 2 x vectors). Four weight rows in flight are four concurrent DRAM
-//   streams: measured on this CPU, that streams ~1.5x faster than two rows x four x rows. x (M x K
-//   floats, 24 KB for M = 8) stays in L1 / L2 across all weight rows, so the weight is read from
-//   memory once whatever M is.
+// - AVX-512 CPUs (CPUID avx512f/bw/vl at run time; code compiled with a target pragma, so the
+//   portable wheel has it too): tiles of NR weight rows x MB rows of x whose NR * MB dot products
+//   stay in zmm accumulators (16 lanes) for the whole K loop, so each weight element is loaded once
+//   per tile and used for all MB rows. NR x MB by M: 8 x 1 (M = 1: eight concurrent row streams),
+//   8 x 2, 6 x 4 (M = 3..4), 3 x 8 (M >= 5; M > 8 makes several passes over each 3-row tile, which
+//   are then in L1 / L2). The K % 16 tail is one masked step.
+// - Other CPUs (AVX2, e.g. Zen 3; or GPTFAST_SKINNY_ISA=generic / avx2, used by the tests): four
+//   weight rows x two x rows per tile, 8 independent 8-lane FMA chains (GCC vectors; target_clones
+//   in the portable build), scalar K % 8 tail. Four weight rows in flight streamed ~1.5x faster
+//   than two rows x four x rows on the Zen 3 VM.
+// - x (M x K floats, 24 KB for M = 8) stays in L1 / L2 across all weight rows, so the weight is
+//   read from memory once whatever M is.
 // - Software prefetch, PF_ROWS weight rows ahead, one per cache line of each row (see tile_4xMB).
 //   Without it the stream fell behind DRAM as soon as the arithmetic per byte grew: GPT-2's head
-//   (768 -> 50257, 2 threads) took 9.2 / 10.0 / 13.5 / 20.3 ms at M = 2 / 4 / 8 / 16 against
-//   6.7 at M = 1; with it 6.7 / 7.0 / 8.5 / 13.2 (M = 1 unchanged at the bandwidth). The bf16
-//   tile, which also widens every element, went from 6.2 to 3.9 ms at M = 1 (fp32: 6.4-6.7).
-// - bf16 weights: each element is widened to fp32 exactly (a 16-bit shift; one vpmovzxwd + one
-//   shift per 8 elements on AVX2) and accumulated in fp32, so y equals x @ w.float().T up to the
-//   summation order, with half the bytes streamed.
+//   (768 -> 50257, 2 threads, Zen 3 VM, 8-lane kernel) took 9.2 / 10.0 / 13.5 / 20.3 ms at M = 2 /
+//   4 / 8 / 16 against 6.7 at M = 1; with it 6.7 / 7.0 / 8.5 / 13.2.
+// - bf16 weights: each element is widened to fp32 exactly (a 16-bit shift: vpmovzxwd + vpslld) and
+//   accumulated in fp32, so y equals x @ w.float().T up to the summation order, with half the bytes
+//   streamed. (No bf16 x bf16 dot products: avx512_bf16's vdpbf16ps would round x to bf16.)
 // - Bias is added when the dot products are stored. An optional epilogue runs on each thread's
 //   column range right after it is computed (gelu_mlp uses it to apply GELU while the
 //   pre-activation is still in cache).
+//
+// Measured (benchmarks/dev/skinny_variants.py: every variant checked against fp64, then timed
+// interleaved with the previous 8-lane kernel, median of 31 repeats, 2 threads, each call on a
+// different weight copy so that it streams from DRAM; GPT-2 124M decode shapes 768 -> 2304 / 768 /
+// 3072, 3072 -> 768 and the 768 -> 50257 head; GB/s = weight bytes / time summed over the shapes):
+// 2026-11-25, 2-core AMD EPYC Zen 4 VM, shared (load average 2-4 from other jobs; the read bandwidth
+// of gptfast.bench.timing.measure_read_bandwidth drifted 22 -> 46 GB/s within minutes), so the
+// interleaved ratios are the result, the GB/s levels only indicative:
+//   M            1            2            4            8            16
+//   fp32  8-lane 30.2 GB/s    -            23.5         16.9         9.9
+//         AVX-512 39.6 x1.31  x1.06-1.09   30.1 x1.28   22.6 x1.34   14.3 x1.45
+//   bf16  8-lane 21.4         19.3         19.9         12.4         7.1
+//         AVX-512 23.9 x1.12  21.9 x1.14   20.9 x1.05   15.7 x1.27   9.1 x1.29
+// (M = 1, 8, 16 in one run with the read bandwidth at 39 -> 46 GB/s; M = 2, 4 in another at
+// 22 -> 44 GB/s, fp32 M = 2 too noisy for a level.) Also tried, slower: 4 x 1, 4 x 2, 4 x 4, 2 x 8,
+// 4 x 6 tiles; prefetch 32 rows ahead (= 16 at M = 1); for bf16 one 512-bit load of 32 elements
+// widened by shift / mask against a deinterleaved x (no vpmovzxwd): <= 1.07x over the 8 x 1 tile,
+// within the noise, not taken. bf16 still streams well below fp32's GB/s at M = 1 (not understood:
+// not issue-bound by a count of the instructions; to be profiled).
+//
 // fp64 (gradcheck-style tests): plain loops, accumulating in double.
 #include "skinny_linear.h"
 
@@ -35,6 +59,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -173,6 +198,143 @@ void skinny_range_bf16w(const float* x, int64_t ldx, const uint16_t* w, int64_t 
   skinny_range<uint16_t>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
 }
 
+// ------------------------------------------------------------------------ AVX-512 tiles
+//
+// Compiled for AVX-512 whatever the build flags (a target pragma: also in the portable wheel build)
+// and used only where CPUID reports avx512f/bw/vl (see use_avx512). NR weight rows x MB x rows per
+// tile, all NR * MB dot products in zmm accumulators (16 lanes); x rows are re-read from L1 per
+// tile, weight rows are read once per tile for all its MB rows. The K % 16 tail is one masked step
+// (no scalar loop). Prefetch as in tile_4xMB, in the first pass over a tile only (later passes, for
+// M > MB, find the rows in cache).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GPTFAST_SKINNY_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+
+GPTFAST_INLINE __m512 w16(const float* p) { return _mm512_loadu_ps(p); }
+GPTFAST_INLINE __m512 w16(const uint16_t* p) {  // 16 bf16 -> fp32: vpmovzxwd zmm + shift (exact)
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+GPTFAST_INLINE __m512 w16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+GPTFAST_INLINE __m512 w16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// 16 columns k..k+15 (masked to `mask` when kMask) of MB x rows times NR weight rows into acc.
+template <int NR, int MB, typename W, bool kMask>
+GPTFAST_INLINE void step16(__m512 (&acc)[MB][NR], const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k,
+                           __mmask16 mask) {
+  __m512 u[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) u[j] = kMask ? w16(w + j * ldw + k, mask) : w16(w + j * ldw + k);
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r) {
+    const __m512 p = kMask ? _mm512_maskz_loadu_ps(mask, x + r * ldx + k) : _mm512_loadu_ps(x + r * ldx + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(p, u[j], acc[r][j]);
+  }
+}
+
+// o[r * NR + j] = x_r . w_j for r < MB, j < NR.
+template <int NR, int MB, bool kPf, typename W>
+GPTFAST_INLINE void tile512(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t ldw, int64_t K,
+                            float* o) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // elements per 64-byte line: 16 fp32, 32 bf16
+  __m512 acc[MB][NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + kLine <= K; k += kLine) {
+    if constexpr (kPf) {
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (GPTFAST_PF_ROWS + j) * ldw + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 2
+    for (int64_t kk = k; kk < k + kLine; kk += 16) step16<NR, MB, W, false>(acc, x, ldx, w, ldw, kk, 0);
+  }
+  for (; k + 16 <= K; k += 16) step16<NR, MB, W, false>(acc, x, ldx, w, ldw, k, 0);
+  if (k < K) step16<NR, MB, W, true>(acc, x, ldx, w, ldw, k, __mmask16((1u << (K - k)) - 1u));
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) o[r * NR + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// mb (1..MB) rows picked at run time; the prefetching instance on a tile's first pass.
+template <int NR, int MB, typename W>
+GPTFAST_INLINE void tile512_mb(int64_t mb, bool first, const float* x, int64_t ldx, const W* w, int64_t ldw,
+                               int64_t K, float* o) {
+  if (mb == MB) {
+    if (first)
+      tile512<NR, MB, true, W>(x, ldx, w, ldw, K, o);
+    else
+      tile512<NR, MB, false, W>(x, ldx, w, ldw, K, o);
+  } else if constexpr (MB > 1) {
+    tile512_mb<NR, MB - 1, W>(mb, first, x, ldx, w, ldw, K, o);
+  }
+}
+
+// Columns [n0, n1) of out for all M rows: NR-row tiles, then the last n1 - n0 mod NR rows one by one.
+template <int NR, int MB, typename W>
+void range512(const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* out, int64_t M,
+              int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  float o[MB * NR];
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m);
+      tile512_mb<NR, MB, W>(mb, m == 0, x + m * ldx, ldx, w + n * ldw, ldw, K, o);
+      for (int64_t r = 0; r < mb; ++r)
+        for (int j = 0; j < NR; ++j) out[(m + r) * N + n + j] = o[r * NR + j] + (bias ? bias[n + j] : 0.f);
+    }
+  }
+  for (; n < n1; ++n) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m);
+      tile512_mb<1, MB, W>(mb, m == 0, x + m * ldx, ldx, w + n * ldw, ldw, K, o);
+      for (int64_t r = 0; r < mb; ++r) out[(m + r) * N + n] = o[r] + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+// Tile shape by M (NR x MB <= 24 accumulators of the 32 zmm registers), measured with
+// benchmarks/dev/skinny_variants.py (see the header comment): M = 1: 8 x 1 (eight weight rows in
+// flight); M = 2: 8 x 2; M = 3..4: 6 x 4; M >= 5: 3 x 8 (M > 8: several passes over each 3-row tile,
+// from L1 / L2).
+template <typename W>
+void range_avx512(const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* out, int64_t M,
+                  int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  if (M == 1)
+    range512<8, 1, W>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+  else if (M == 2)
+    range512<8, 2, W>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+  else if (M <= 4)
+    range512<6, 4, W>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+  else
+    range512<3, 8, W>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+}
+#pragma GCC pop_options
+#endif
+
+// Whether to use the AVX-512 tiles: CPUID says avx512f/bw/vl, and GPTFAST_SKINNY_ISA (read at each
+// call, so a test can switch it) is not "avx2" / "generic" (which force the 8-lane kernel above, the
+// path of AVX2-only machines).
+bool use_avx512() {
+#ifdef GPTFAST_SKINNY_AVX512
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  if (!cpu) return false;
+  const char* e = std::getenv("GPTFAST_SKINNY_ISA");
+  return e == nullptr || (std::strcmp(e, "avx2") != 0 && std::strcmp(e, "generic") != 0);
+#else
+  return false;
+#endif
+}
+
 void skinny_f64(const double* x, int64_t ldx, const double* w, int64_t ldw, const double* bias, double* out,
                 int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m) {
@@ -228,7 +390,15 @@ template <typename W>
 void skinny_parallel(const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* out, int64_t M,
                      int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& epilogue) {
   if (M <= 0 || N <= 0) return;
+  const bool avx512 = use_avx512();
   at::parallel_for(0, N, grain_rows(M, K), [&](int64_t n0, int64_t n1) {
+#ifdef GPTFAST_SKINNY_AVX512
+    if (avx512) {
+      range_avx512<W>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+      if (epilogue) epilogue(n0, n1);
+      return;
+    }
+#endif
     if constexpr (std::is_same_v<W, float>) {
       skinny_range_f32(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
     } else {
