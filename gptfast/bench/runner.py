@@ -64,7 +64,7 @@ def _resolve_args(args) -> None:
     """Fill defaults and validate; raises UserError on bad input."""
     import torch
 
-    from gptfast.cli import UserError
+    from gptfast.errors import UserError
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -292,7 +292,7 @@ def add_speedups_by_case(rows: list[dict]) -> None:
 
 def _find_text(path: str | None) -> tuple[str, str]:
     """(text, where it came from) for the train suite."""
-    from gptfast.cli import UserError
+    from gptfast.errors import UserError
 
     if path:
         if not os.path.isfile(path):
@@ -423,7 +423,7 @@ def train_footer(args) -> list[str]:
 def main(args) -> int:
     import torch
 
-    from gptfast.cli import UserError
+    from gptfast.errors import UserError
 
     if args.suite == "plot":
         from gptfast.bench.plots import plot_run
@@ -448,9 +448,14 @@ def main(args) -> int:
 
 
 def run_suite(suite: str, args) -> Path:
+    from gptfast.bench.load import BusyMeter
+
     meta = records.machine_meta(args.device, args.dtype, records.command_line(args))
     fn = {"ops": suite_ops, "generate": suite_generate, "train": suite_train}[suite]
+    meter = BusyMeter()
     rows, scale_rows, peaks = fn(args, meta)
+    busy = meter.stop()  # other processes' CPU use during the run, stamped on every row
+    meta.update(others_busy_cores=busy["others_busy_cores"], loadavg_start=busy["loadavg_start"])
     where = f"{meta['gpu'] or meta['cpu']}, {meta['threads']} threads, {args.dtype}"
     if suite == "ops":
         footer = ops_footer(args.device, peaks)
@@ -472,6 +477,10 @@ def run_suite(suite: str, args) -> Path:
         print(records.format_table(scale_rows, args.device, "causal attention fwd vs T (B1 H12 D64)", []))
     json_path, csv_path = records.save_run(args.out, suite, meta, rows, peaks, scale_rows)
     print(f"wrote {json_path}, {csv_path}, appended {Path(args.out) / 'history.jsonl'}")
+    if busy["busy_warning"]:
+        print(f"WARNING: {busy['busy_warning']}", file=sys.stderr)
+    elif busy["others_busy_cores"] is not None:
+        print(f"machine: other processes used {busy['others_busy_cores']:.2f} cores on average during the run")
     if not args.no_plot:
         from gptfast.bench.plots import plot_run
 
