@@ -274,12 +274,8 @@ def dispatch_call(case: Case, inputs: dict[str, Any]) -> dict[str, Any]:
 # most 2x the error of plain PyTorch (the reference code) run in the benchmark dtype on the same
 # inputs, plus one rounding of the output. The baseline is the reference, never a backend under
 # test: a wrong `torch` backend must not widen it. A wrong kernel is off by O(1) and never timed.
-# PyTorch's fused op (the `torch` backend) is PyTorch's own error too and may reduce in another
-# order (seen: F.layer_norm's backward dweight at (1024, 768) fp32 is 6x the composite's error), so
-# it joins the baseline -- but only while its error is within TORCH_TRUST x the composite's
-# (rounding differs by small factors; a wrong wrapper is off by orders of magnitude and is then a
-# MISMATCH itself, not a wider tolerance).
-TORCH_TRUST = 10.0
+# PyTorch's fused op (the `torch` backend) is PyTorch's own error too: it joins the baseline while
+# it is trustworthy (gptfast.testing.pytorch_baselines, TORCH_TRUST).
 
 
 def tolerance(case: Case, inputs: dict[str, Any], refs):
@@ -287,7 +283,7 @@ def tolerance(case: Case, inputs: dict[str, Any], refs):
     own outputs in the benchmark dtype (the reference composite, plus the `torch` backend's fused
     op when it is trustworthy, see TORCH_TRUST); None for sampling (checked by set)."""
     from gptfast import ops
-    from gptfast.testing import error_report
+    from gptfast.testing import pytorch_baselines
 
     if case.op == "sample":
         return None
@@ -296,16 +292,14 @@ def tolerance(case: Case, inputs: dict[str, Any], refs):
         out = make_call(case, backend, inputs)()
         return [out] if torch.is_tensor(out) else list(out)
 
-    baselines = [[o] for o in outputs("reference")]
+    composite = outputs("reference")
+    fused = [None] * len(composite)
     first = inputs[_TENSOR_ARGS[case.op][0]]
     if ops.unavailable_reason("torch", case.op, first.device.type, **dispatch_call(case, inputs)) is None:
-        fused = outputs("torch")
-        if len(fused) == len(refs) and all(
-            error_report(f, r, b, factor=TORCH_TRUST) is None for f, r, (b,) in zip(fused, refs, baselines)
-        ):
-            for lst, f in zip(baselines, fused):
-                lst.append(f)
-    return baselines
+        got = outputs("torch")
+        if len(got) == len(composite):
+            fused = got
+    return [pytorch_baselines(r, c, f) for r, c, f in zip(refs, composite, fused)]
 
 
 def reference_outputs(case: Case, inputs: dict[str, Any]) -> list[torch.Tensor] | torch.Tensor:
