@@ -4,6 +4,7 @@
 // Only the winner goes into the product. Built by that script (JIT, -march=native).
 //
 // v0: the previous product kernel (8-lane GCC vectors, 4 weight rows x 2 x rows, prefetch 16 rows).
+// v3 / v4: v1 with the prefetch hint T1 (into L2) / NTA instead of T0.
 // v1: AVX-512 (16 lanes), NR weight rows x MB x rows per tile held in zmm accumulators, masked
 //     K tail, prefetch `pf` rows ahead (first pass over a tile only); NR, MB, pf chosen at run time
 //     from the instantiated set.
@@ -109,6 +110,8 @@ void range(const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bi
 }  // namespace v0
 
 // ------------------------------------------------------------------ v1: AVX-512 NR x MB tiles
+// Prefetch hint of v1 (variant 1: T0 into L1, 3: T1 into L2, 4: NTA), set before each run.
+static int g_hint = 0;
 namespace v1 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
@@ -150,7 +153,15 @@ GPTFAST_INLINE void tile(const float* __restrict x, int64_t ldx, const W* __rest
   for (; k + kLine <= K; k += kLine) {
     if constexpr (kPf) {
 #pragma GCC unroll 16
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (pf + j) * ldw + k), _MM_HINT_T0);
+      for (int j = 0; j < NR; ++j) {
+        const char* a = reinterpret_cast<const char*>(w + (pf + j) * ldw + k);
+        if (g_hint == 1)
+          _mm_prefetch(a, _MM_HINT_T1);
+        else if (g_hint == 2)
+          _mm_prefetch(a, _MM_HINT_NTA);
+        else
+          _mm_prefetch(a, _MM_HINT_T0);
+      }
     }
 #pragma GCC unroll 2
     for (int64_t kk = k; kk < k + kLine; kk += 16) step<NR, MB, W, false>(acc, x, ldx, w, ldw, kk, 0);
@@ -331,6 +342,8 @@ void run(int64_t variant, const at::Tensor& x, const at::Tensor& w, const c10::o
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const bool bf = w.scalar_type() == at::kBFloat16;
+  g_hint = variant == 3 ? 1 : variant == 4 ? 2 : 0;
+  if (variant >= 3) variant = 1;
   std::vector<float> xd;
   int64_t ldd = 0;
   if (bf && variant == 2) {  // deinterleave x's 32-element chunks (see v1::step_eo), zero-padded
