@@ -33,24 +33,26 @@
 //   column range right after it is computed (gelu_mlp uses it to apply GELU while the
 //   pre-activation is still in cache).
 //
-// Measured (benchmarks/dev/skinny_variants.py: every variant checked against fp64, then timed
-// interleaved with the previous 8-lane kernel, median of 31 repeats, 2 threads, each call on a
-// different weight copy so that it streams from DRAM; GPT-2 124M decode shapes 768 -> 2304 / 768 /
-// 3072, 3072 -> 768 and the 768 -> 50257 head; GB/s = weight bytes / time summed over the shapes):
-// 2026-11-25, 2-core AMD EPYC Zen 4 VM, shared (load average 2-4 from other jobs; the read bandwidth
-// of gptfast.bench.timing.measure_read_bandwidth drifted 22 -> 46 GB/s within minutes), so the
-// interleaved ratios are the result, the GB/s levels only indicative:
-//   M            1            2            4            8            16
-//   fp32  8-lane 30.2 GB/s    -            23.5         16.9         9.9
-//         AVX-512 39.6 x1.31  x1.06-1.09   30.1 x1.28   22.6 x1.34   14.3 x1.45
-//   bf16  8-lane 21.4         19.3         19.9         12.4         7.1
-//         AVX-512 23.9 x1.12  21.9 x1.14   20.9 x1.05   15.7 x1.27   9.1 x1.29
-// (M = 1, 8, 16 in one run with the read bandwidth at 39 -> 46 GB/s; M = 2, 4 in another at
-// 22 -> 44 GB/s, fp32 M = 2 too noisy for a level.) Also tried, slower: 4 x 1, 4 x 2, 4 x 4, 2 x 8,
-// 4 x 6 tiles; prefetch 32 rows ahead (= 16 at M = 1); for bf16 one 512-bit load of 32 elements
-// widened by shift / mask against a deinterleaved x (no vpmovzxwd): <= 1.07x over the 8 x 1 tile,
-// within the noise, not taken. bf16 still streams well below fp32's GB/s at M = 1 (not understood:
-// not issue-bound by a count of the instructions; to be profiled).
+// Measured (benchmarks/dev/skinny_variants.py; raw output in benchmarks/dev/skinny_variants_results.txt):
+// every variant checked against fp64, then timed interleaved with the previous kernel (the 8-lane
+// one, then used on every CPU), median of 31 repeats, 2 threads, each call on a different weight copy
+// so that it streams from DRAM; GPT-2 124M decode shapes 768 -> 2304 / 768 / 3072, 3072 -> 768 and
+// the 768 -> 50257 head; GB/s = weight bytes / time, summed over the five shapes. 2026-11-25,
+// 2-core AMD EPYC Zen 4 VM shared with other jobs (load average 2-4; measure_read_bandwidth drifted
+// 26 -> 43 GB/s within one run), so the interleaved ratios are the result, the levels indicative.
+// Two consecutive runs, this kernel vs the 8-lane one:
+//   M                1            2            4            8            16
+//   fp32 GB/s   31.6 / 43.5  31.2 / 38.8  40.4 / 42.3  26.0 / 24.4  16.0 / 15.5
+//        ratio  1.19 / 1.51  1.28 / 1.56  1.77 / 1.84  1.58 / 1.50  1.64 / 1.59
+//   bf16 GB/s   36.8 / 29.5  27.8 / 25.7  26.7 / 25.3  16.0 / 15.5   9.3 /  9.0
+//        ratio  1.77 / 1.47  1.47 / 1.43  1.49 / 1.48  1.31 / 1.30  1.30 / 1.30
+// (read bandwidth 29.6 -> 42.6 GB/s in run 1, 38.4 -> 30.3 in run 2.) At M >= 8 the tile is bound
+// by the FMAs, not the memory: bf16 M = 8 at 16 GB/s is 2 G zmm FMAs / s per core, over half of
+// Zen 4's one 512-bit FMA per cycle, with 11 loads per 24 FMAs. Also tried, slower or within the
+// noise: 4 x 1, 4 x 2, 4 x 4, 2 x 8, 4 x 6 tiles; prefetch 32 or 48 rows ahead; NTA prefetch; for
+// bf16 one 512-bit load of 32 elements widened by shift / mask against a deinterleaved x (no
+// vpmovzxwd): <= 1.07x with T0 prefetch, not retried with T1. Not tried: avx512_bf16 dot products
+// (vdpbf16ps rounds x to bf16: would have to be a named opt-in with its accuracy measured).
 //
 // fp64 (gradcheck-style tests): plain loops, accumulating in double.
 #include "skinny_linear.h"
