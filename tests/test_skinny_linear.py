@@ -89,6 +89,54 @@ def test_bf16_weights_match_fp64_reference_of_the_widened_weight(M, K, N, bias, 
                  rtol=1e-5, what="bf16 row slice")
 
 
+def _cpu_has_avx512_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+# GPTFAST_SKINNY_BF16_DOT=1 (opt-in; bf16 weights; CPUs with avx512_bf16): x rounded to bf16 and
+# vdpbf16ps. Exact (to fp32 summation) for the bf16-rounded x; against the true x its error is that
+# of rounding x (unit roundoff 2^-8 per element, so <= 2^-8 sum |x w|). Without avx512_bf16 the
+# variable must change nothing.
+@pytest.mark.parametrize("K,N", [(67, 131), (768, 2304), (5, 3), (1, 9), (40, 6), (3072, 37)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 17])
+def test_bf16_dot_opt_in(M, K, N, monkeypatch):
+    x, w, b = _inputs(M, K, N, seed=M * 11 + K + N)
+    wb = w.bfloat16()
+    monkeypatch.delenv("GPTFAST_SKINNY_BF16_DOT", raising=False)
+    y_default = native.skinny_linear(x, wb, b)
+    monkeypatch.setenv("GPTFAST_SKINNY_BF16_DOT", "1")
+    y = native.skinny_linear(x, wb, b)
+    if not _cpu_has_avx512_bf16():
+        assert torch.equal(y, y_default), "GPTFAST_SKINNY_BF16_DOT changed the result on a CPU without avx512_bf16"
+        return
+    xr = x.bfloat16().float()
+    assert_close(y, _ref(xr, wb.float(), b), atol=_tol32(xr, wb.float(), K), rtol=1e-5,
+                 what=f"bf16 dot M={M} K={K} N={N} vs the bf16-rounded x")
+    scale = (x.double().abs() @ wb.double().abs().t()).max().item()
+    err = (y.double() - _ref(x, wb.float(), b)).abs().max().item()
+    assert err <= 2**-8 * scale + _tol32(x, wb.float(), K), f"bf16 dot error {err} vs the fp32 x"
+    if K >= 40:  # the opt-in is engaged: x's rounding shows (the default path is ~1e-7 of scale)
+        assert (y - y_default).abs().max().item() > 1e-5 * scale
+
+
+def test_bf16_dot_opt_in_nan_and_fp32_weights(monkeypatch):
+    monkeypatch.setenv("GPTFAST_SKINNY_BF16_DOT", "1")
+    x, w, b = _inputs(3, 67, 20)
+    x[1, 5] = float("nan")
+    y = native.skinny_linear(x, w.bfloat16(), b)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+    # fp32 weights ignore the variable
+    monkeypatch.delenv("GPTFAST_SKINNY_BF16_DOT")
+    y32 = native.skinny_linear(x, w, b)
+    monkeypatch.setenv("GPTFAST_SKINNY_BF16_DOT", "1")
+    assert torch.allclose(native.skinny_linear(x, w, b), y32, rtol=0, atol=0, equal_nan=True)
+
+
 def test_bf16_weights_autograd_and_opcheck():
     x, w, b = _inputs(3, 9, 10)
     wb = w.bfloat16().requires_grad_()

@@ -4,6 +4,7 @@
 // Only the winner goes into the product. Built by that script (JIT, -march=native).
 //
 // v0: the previous product kernel (8-lane GCC vectors, 4 weight rows x 2 x rows, prefetch 16 rows).
+// v5: avx512_bf16 vdpbf16ps with x rounded to bf16 (changes the arithmetic; bf16 weights only).
 // v3 / v4: v1 with the prefetch hint T1 (into L2) / NTA instead of T0.
 // v1: AVX-512 (16 lanes), NR weight rows x MB x rows per tile held in zmm accumulators, masked
 //     K tail, prefetch `pf` rows ahead (first pass over a tile only); NR, MB, pf chosen at run time
@@ -297,6 +298,92 @@ void range_eo(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, const
 #pragma GCC pop_options
 }  // namespace v1
 
+// ------------------------------------------------------------------ v5: avx512_bf16 dot products
+// (bf16 weights only; CHANGES THE ARITHMETIC: x is rounded to bf16 (RNE) once per call, then
+// vdpbf16ps multiplies bf16 pairs and accumulates in fp32. Measured for a possible named opt-in.)
+namespace v5 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+template <int NR, int MB, bool kMask, bool kPf>
+GPTFAST_INLINE void step(__m512 (&acc)[MB][NR], const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw,
+                         int64_t k, __mmask32 mask, int64_t pf) {
+  __m512i u[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) {
+    if constexpr (kPf) _mm_prefetch(reinterpret_cast<const char*>(w + (pf + j) * ldw + k), _MM_HINT_T1);
+    u[j] = kMask ? _mm512_maskz_loadu_epi16(mask, w + j * ldw + k) : _mm512_loadu_si512(w + j * ldw + k);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r) {
+    const __m512i p = _mm512_loadu_si512(x + r * ldx + k);  // zero-padded to a multiple of 32
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)p, (__m512bh)u[j]);
+  }
+}
+template <int NR, int MB, bool kPf>
+GPTFAST_INLINE void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K, int64_t pf,
+                         float* o) {
+  __m512 acc[MB][NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step<NR, MB, false, kPf>(acc, x, ldx, w, ldw, k, 0, pf);
+  if (k < K) step<NR, MB, true, false>(acc, x, ldx, w, ldw, k, __mmask32((1u << (K - k)) - 1u), pf);
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) o[r * NR + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+template <int NR, int MB>
+GPTFAST_INLINE void tile_mb(int64_t mb, bool first, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw,
+                            int64_t K, int64_t pf, float* o) {
+  if (mb == MB) {
+    if (first)
+      tile<NR, MB, true>(x, ldx, w, ldw, K, pf, o);
+    else
+      tile<NR, MB, false>(x, ldx, w, ldw, K, pf, o);
+  } else if constexpr (MB > 1) {
+    tile_mb<NR, MB - 1>(mb, first, x, ldx, w, ldw, K, pf, o);
+  }
+}
+template <int NR, int MB>
+void range(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out, int64_t M,
+           int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t pf) {
+  float o[MB * NR];
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m);
+      tile_mb<NR, MB>(mb, m == 0, x + m * ldx, ldx, w + n * ldw, ldw, K, pf, o);
+      for (int64_t r = 0; r < mb; ++r)
+        for (int j = 0; j < NR; ++j) out[(m + r) * N + n + j] = o[r * NR + j] + (bias ? bias[n + j] : 0.f);
+    }
+  }
+  for (; n < n1; ++n) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m);
+      tile_mb<1, MB>(mb, m == 0, x + m * ldx, ldx, w + n * ldw, ldw, K, pf, o);
+      for (int64_t r = 0; r < mb; ++r) out[(m + r) * N + n] = o[r] + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+#pragma GCC pop_options
+}  // namespace v5
+
+void run_v5(int nr, int mb, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias,
+            float* out, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t pf) {
+#define SV_CASE(A, B)                                                        \
+  if (nr == A && mb == B) {                                                  \
+    v5::range<A, B>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1, pf);         \
+    return;                                                                  \
+  }
+  SV_CASE(8, 1) SV_CASE(8, 2) SV_CASE(6, 4) SV_CASE(3, 8) SV_CASE(4, 4)
+#undef SV_CASE
+  TORCH_CHECK(false, "skinny_variants: no v5 instance nr=", nr, " mb=", mb);
+}
+
 int64_t grain_rows(int64_t M, int64_t K) {
   const int64_t g = (int64_t{1} << 16) / std::max<int64_t>(1, M * K);
   return std::max<int64_t>(8, (g + 7) / 8 * 8);
@@ -343,9 +430,20 @@ void run(int64_t variant, const at::Tensor& x, const at::Tensor& w, const c10::o
   float* op = out.data_ptr<float>();
   const bool bf = w.scalar_type() == at::kBFloat16;
   g_hint = variant == 3 ? 1 : variant == 4 ? 2 : 0;
-  if (variant >= 3) variant = 1;
-  std::vector<float> xd;
+  if (variant == 3 || variant == 4) variant = 1;
   int64_t ldd = 0;
+  std::vector<uint16_t> xb;
+  if (bf && variant == 5) {  // x rounded to bf16 (RNE), rows zero-padded to a multiple of 32
+    ldd = (K + 31) / 32 * 32;
+    xb.assign(M * ldd, 0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t u;
+        std::memcpy(&u, xp + m * K + k, 4);
+        xb[m * ldd + k] = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      }
+  }
+  std::vector<float> xd;
   if (bf && variant == 2) {  // deinterleave x's 32-element chunks (see v1::step_eo), zero-padded
     ldd = (K + 31) / 32 * 32;
     xd.assign(M * ldd, 0.f);
@@ -359,6 +457,8 @@ void run(int64_t variant, const at::Tensor& x, const at::Tensor& w, const c10::o
         v0::range<uint16_t>(xp, K, wp, K, bp, op, M, N, K, n0, n1);
       else if (variant == 2)
         run_v2(nr, mb, xd.data(), ldd, wp, K, bp, op, M, N, K, n0, n1, pf);
+      else if (variant == 5)
+        run_v5(nr, mb, xb.data(), ldd, wp, K, bp, op, M, N, K, n0, n1, pf);
       else
         run_v1<uint16_t>(nr, mb, xp, K, wp, K, bp, op, M, N, K, n0, n1, pf);
     } else {

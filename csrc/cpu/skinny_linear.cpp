@@ -28,7 +28,8 @@
 //   4 / 8 / 16 against 6.7 at M = 1; with it 6.7 / 7.0 / 8.5 / 13.2.
 // - bf16 weights: each element is widened to fp32 exactly (a 16-bit shift: vpmovzxwd + vpslld) and
 //   accumulated in fp32, so y equals x @ w.float().T up to the summation order, with half the bytes
-//   streamed. (No bf16 x bf16 dot products: avx512_bf16's vdpbf16ps would round x to bf16.)
+//   streamed. bf16 x bf16 dot products (avx512_bf16's vdpbf16ps, which rounds x to bf16) only when
+//   asked for with GPTFAST_SKINNY_BF16_DOT=1 (see range_dot).
 // - Bias is added when the dot products are stored. An optional epilogue runs on each thread's
 //   column range right after it is computed (gelu_mlp uses it to apply GELU while the
 //   pre-activation is still in cache).
@@ -51,8 +52,9 @@
 // Zen 4's one 512-bit FMA per cycle, with 11 loads per 24 FMAs. Also tried, slower or within the
 // noise: 4 x 1, 4 x 2, 4 x 4, 2 x 8, 4 x 6 tiles; prefetch 32 or 48 rows ahead; NTA prefetch; for
 // bf16 one 512-bit load of 32 elements widened by shift / mask against a deinterleaved x (no
-// vpmovzxwd): <= 1.07x with T0 prefetch, not retried with T1. Not tried: avx512_bf16 dot products
-// (vdpbf16ps rounds x to bf16: would have to be a named opt-in with its accuracy measured).
+// vpmovzxwd): <= 1.07x with T0 prefetch, not retried with T1. avx512_bf16 dot products (vdpbf16ps,
+// x rounded to bf16): x1.00 at M = 1, x1.70 at M = 8, x1.91 at M = 16 for bf16 weights, but they
+// change the arithmetic, so only as the opt-in GPTFAST_SKINNY_BF16_DOT=1 (see range_dot).
 //
 // fp64 (gradcheck-style tests): plain loops, accumulating in double.
 #include "skinny_linear.h"
@@ -64,6 +66,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "simd.h"
 
@@ -322,7 +325,130 @@ void range_avx512(const float* x, int64_t ldx, const W* w, int64_t ldw, const fl
     range512<3, 8, W>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
 }
 #pragma GCC pop_options
+
+// ------------------------------------------------------------------------ opt-in bf16 dot products
+//
+// GPTFAST_SKINNY_BF16_DOT=1 (default off; bf16 weights only; CPUs with avx512_bf16): x is rounded to
+// bf16 (round to nearest even, vcvtneps2bf16) once per call and every pair of products is computed
+// by vdpbf16ps (bf16 x bf16 -> fp32 accumulate): twice the multiply-adds per instruction and no
+// widening, which matters where the tile is FMA-bound (M >= 8). This CHANGES THE ARITHMETIC: y is
+// exact for the bf16-rounded x, so its error against x @ w.float().T is up to 2^-8 of sum |x w|
+// (measured 2.5e-3 of max sum |x w| over the tests' shapes; the default path: ~1e-7). Measured
+// (benchmarks/dev/skinny_variants.py, variant v5 vs the default tile, interleaved): M = 1 x1.00,
+// M = 8 x1.70, M = 16 x1.91.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+
+// 32 columns k..k+31 of MB bf16 x rows (zero-padded to a multiple of 32) times NR bf16 weight rows.
+template <int NR, int MB, bool kMask, bool kPf>
+GPTFAST_INLINE void step_dot(__m512 (&acc)[MB][NR], const uint16_t* x, int64_t ldx, const uint16_t* w,
+                             int64_t ldw, int64_t k, __mmask32 mask) {
+  __m512i u[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) {
+    if constexpr (kPf) _mm_prefetch(reinterpret_cast<const char*>(w + (GPTFAST_PF_ROWS + j) * ldw + k), _MM_HINT_T1);
+    u[j] = kMask ? _mm512_maskz_loadu_epi16(mask, w + j * ldw + k) : _mm512_loadu_si512(w + j * ldw + k);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r) {
+    const __m512i p = _mm512_loadu_si512(x + r * ldx + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)p, (__m512bh)u[j]);
+  }
+}
+
+template <int NR, int MB, bool kPf>
+GPTFAST_INLINE void tile_dot(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K, float* o) {
+  __m512 acc[MB][NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step_dot<NR, MB, false, kPf>(acc, x, ldx, w, ldw, k, 0);
+  if (k < K) step_dot<NR, MB, true, false>(acc, x, ldx, w, ldw, k, __mmask32((1u << (K - k)) - 1u));
+#pragma GCC unroll 16
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) o[r * NR + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+template <int NR, int MB>
+GPTFAST_INLINE void tile_dot_mb(int64_t mb, bool first, const uint16_t* x, int64_t ldx, const uint16_t* w,
+                                int64_t ldw, int64_t K, float* o) {
+  if (mb == MB) {
+    if (first)
+      tile_dot<NR, MB, true>(x, ldx, w, ldw, K, o);
+    else
+      tile_dot<NR, MB, false>(x, ldx, w, ldw, K, o);
+  } else if constexpr (MB > 1) {
+    tile_dot_mb<NR, MB - 1>(mb, first, x, ldx, w, ldw, K, o);
+  }
+}
+
+template <int NR, int MB>
+void range_dot(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out,
+               int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  float o[MB * NR];
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m);
+      tile_dot_mb<NR, MB>(mb, m == 0, x + m * ldx, ldx, w + n * ldw, ldw, K, o);
+      for (int64_t r = 0; r < mb; ++r)
+        for (int j = 0; j < NR; ++j) out[(m + r) * N + n + j] = o[r * NR + j] + (bias ? bias[n + j] : 0.f);
+    }
+  }
+  for (; n < n1; ++n) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m);
+      tile_dot_mb<1, MB>(mb, m == 0, x + m * ldx, ldx, w + n * ldw, ldw, K, o);
+      for (int64_t r = 0; r < mb; ++r) out[(m + r) * N + n] = o[r] + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+// Same tile shapes by M as range_avx512.
+void range_dot_by_m(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out,
+                    int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  if (M == 1)
+    range_dot<8, 1>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+  else if (M == 2)
+    range_dot<8, 2>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+  else if (M <= 4)
+    range_dot<6, 4>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+  else
+    range_dot<3, 8>(x, ldx, w, ldw, bias, out, M, N, K, n0, n1);
+}
+
+// x (M rows, ldx apart) rounded to bf16 (RNE; NaN stays NaN) into xb, rows ldb (a multiple of 32,
+// >= K) apart, zero-padded.
+void round_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K, uint16_t* xb, int64_t ldb) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < ldb; k += 16) {
+      const __mmask16 msk = k + 16 <= K ? __mmask16(0xFFFF) : k < K ? __mmask16((1u << (K - k)) - 1u) : __mmask16(0);
+      const __m512 v = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      std::memcpy(xb + m * ldb + k, &h, 32);
+    }
+  }
+}
+#pragma GCC pop_options
 #endif
+
+// Whether GPTFAST_SKINNY_BF16_DOT=1 asks for the bf16 dot products and the CPU has them (read at
+// each call; see range_dot). Without avx512_bf16 the variable is ignored (the default arithmetic).
+bool use_bf16_dot() {
+#ifdef GPTFAST_SKINNY_AVX512
+  const char* e = std::getenv("GPTFAST_SKINNY_BF16_DOT");
+  if (e == nullptr || std::strcmp(e, "1") != 0) return false;
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return cpu;
+#else
+  return false;
+#endif
+}
 
 // Whether to use the AVX-512 tiles: CPUID says avx512f/bw/vl, and GPTFAST_SKINNY_ISA (read at each
 // call, so a test can switch it) is not "avx2" / "generic" (which force the 8-lane kernel above, the
@@ -394,6 +520,20 @@ template <typename W>
 void skinny_parallel(const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* out, int64_t M,
                      int64_t N, int64_t K, const std::function<void(int64_t, int64_t)>& epilogue) {
   if (M <= 0 || N <= 0) return;
+#ifdef GPTFAST_SKINNY_AVX512
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    if (use_bf16_dot()) {
+      const int64_t ldb = (K + 31) / 32 * 32;
+      std::vector<uint16_t> xb(static_cast<size_t>(M * ldb));
+      round_x_bf16(x, ldx, M, K, xb.data(), ldb);
+      at::parallel_for(0, N, grain_rows(M, K), [&](int64_t n0, int64_t n1) {
+        range_dot_by_m(xb.data(), ldb, w, ldw, bias, out, M, N, K, n0, n1);
+        if (epilogue) epilogue(n0, n1);
+      });
+      return;
+    }
+  }
+#endif
   const bool avx512 = use_avx512();
   at::parallel_for(0, N, grain_rows(M, K), [&](int64_t n0, int64_t n1) {
 #ifdef GPTFAST_SKINNY_AVX512
