@@ -25,7 +25,9 @@ void skinny_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw,
 
 // The same with bf16 weights (raw bits, w rows ldw elements apart) and fp32 x / bias / out: each
 // weight element is widened to fp32 exactly and every product accumulates in fp32 (weight-only bf16:
-// half the bytes streamed per call, the arithmetic of the fp32 kernel).
+// half the bytes streamed per call, the arithmetic of the fp32 kernel). Opt-in exception: with
+// GPTFAST_SKINNY_BF16_DOT=1 on a CPU with avx512_bf16, x is rounded to bf16 and the products use
+// vdpbf16ps (faster at M >= 8, error up to 2^-8 of sum |x w|; see skinny_linear.cpp).
 void skinny_linear_bf16w(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out,
                          int64_t M, int64_t N, int64_t K,
                          const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
