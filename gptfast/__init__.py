@@ -3,21 +3,11 @@
     from gptfast import GPT, GPTConfig, CharTokenizer, GPT2Tokenizer, ops
     model = GPT(GPTConfig.from_preset("gpt2"), backend="auto")
 
-Threads: unless OMP_WAIT_POLICY is already set, importing gptfast before torch sets it to
-PASSIVE. OpenMP's default lets idle pool threads spin; on a machine with busy cores a spinning
-worker waits for a descheduled sibling at every parallel region, and `gptfast generate` with two
-threads measured 5-30x slower than with passive waiting (issue #19; numbers in the README). The
-OpenMP runtime reads the variable once, when torch loads it, so this only takes effect when
-gptfast is imported first (as the `gptfast` command does); set OMP_WAIT_POLICY=ACTIVE to opt out.
+Threads: the `gptfast` command fits torch's thread count to the cores other processes leave free
+(gptfast.threads); a library user keeps torch's own setting.
 """
 
-import os as _os
-import sys as _sys
-
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from gptfast import ops  # noqa: E402  (after the OpenMP setting above)
+from gptfast import ops
 from gptfast.config import PRESETS, GPTConfig
 from gptfast.engine import generate, stream
 from gptfast.model import GPT, BigramLanguageModel

@@ -417,10 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit_threads() -> None:
+    """On a machine where other processes hold cores, use only the free ones (gptfast.threads)."""
+    from gptfast.threads import fit_threads_to_free_cores
+
+    got = fit_threads_to_free_cores()
+    if got is not None:
+        before, after, others = got
+        print(f"gptfast: other processes are using {others:.1f} of {os.cpu_count()} cores: "
+              f"{after} thread(s) instead of {before} (set OMP_NUM_THREADS to choose)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "func", None) in (cmd_generate, cmd_perplexity):
+            _fit_threads()
         return int(args.func(args) or 0)
     except UserError as e:
         if os.environ.get("GPTFAST_DEBUG") == "1":

@@ -42,15 +42,32 @@ def test_perplexity_cli_default_is_batched():
     assert sub.choices["perplexity"].get_default("batch_size") >= 32
 
 
-def _policy_after_import(env):
-    code = "import gptfast, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120).stdout.strip()
+def test_threads_fit_the_free_cores():
+    """With another process burning a core, `fit_threads_to_free_cores` leaves that core alone
+    (2 threads waiting on a descheduled sibling ran 2x slower than 1: gptfast/threads.py); with
+    OMP_NUM_THREADS set it changes nothing."""
+    import torch
 
+    from gptfast.threads import fit_threads_to_free_cores
 
-def test_openmp_wait_policy_passive_unless_set():
-    """Importing gptfast first (as the `gptfast` command does) selects passive OpenMP waiting
-    before torch loads libgomp; a user's own setting wins."""
-    assert _policy_after_import({"OMP_WAIT_POLICY": None}) == "PASSIVE"
-    assert _policy_after_import({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    n = os.cpu_count() or 1
+    old = torch.get_num_threads()
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, n - 1))]
+    try:
+        import time
+
+        time.sleep(0.5)
+        torch.set_num_threads(n)
+        got = fit_threads_to_free_cores(sample_s=0.5)
+        assert got is not None and got[1] < n and torch.get_num_threads() == got[1], got
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        try:
+            assert fit_threads_to_free_cores(sample_s=0.2) is None and torch.get_num_threads() == n
+        finally:
+            del os.environ["OMP_NUM_THREADS"]
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+        torch.set_num_threads(old)
