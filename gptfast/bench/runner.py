@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated backends to compare (default: %(default)s)")
     p.add_argument("--out", default="bench_results", help="output directory (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats (< 1 min on CPU)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats and peers (a smoke run, not for figures)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's current)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per backend (default: 20; 5 with --quick)")
