@@ -40,6 +40,7 @@ Formulas (next to the code that computes them):
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -344,6 +345,10 @@ def benchmark_generate(
                  reason="", batch=B, new_tokens=new_tokens, prompt_len=prompt_len, weight_bytes=weight_bytes)
         r.update(kw)
         rows.append(r)
+        # progress: one line per contestant as it finishes (a full run takes ~15 min on 2 cores)
+        t = r.get("seconds")  # wall seconds of one generate() of new_tokens, where timed
+        done = f"{B * new_tokens / t:.1f} tok/s" if isinstance(t, (int, float)) and t > 0 else r["status"]
+        print(f"bench generate: B={B} {backend}: {done}", file=sys.stderr, flush=True)
         return r
 
     def _native_variants(B, be, kw, t_fused):

@@ -161,3 +161,11 @@ def test_bench_rows_with_both_peers():
                               read_bw_bytes=16 << 20)
     r = next(r for r in rows if r["backend"] == "llama.cpp f32")
     assert r["status"] == "unavailable" and "vocab_size is 65, expected >= 50257" in r["reason"]
+
+
+def test_progress_line_per_contestant(capsys):
+    """A full generate run takes ~15 min on 2 cores: each contestant prints a line as it finishes."""
+    benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=4, backends=("torch",), quick=True,
+                       threads=None, include_hf=False, include_reference=False, peers=(), read_bw_bytes=4 << 20)
+    err = capsys.readouterr().err
+    assert "bench generate: B=1 engine[torch]: " in err and " tok/s" in err, err
