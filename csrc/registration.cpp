@@ -1,6 +1,6 @@
 // Schemas of gptfast's native ops: the one place they are declared (TORCH_LIBRARY may appear once).
 // Implementations register per device: csrc/cpu/*.cpp under CPU, csrc/cuda/*.cpp under CUDA.
-// Fake (meta) kernels and autograd are registered from Python in gptfast/ops/native.py.
+// Fake (meta) kernels and autograd are registered from Python in gptfast/ops/native/_meta.py.
 //
 // Conventions: 2-D row-major views are prepared by the Python wrapper where noted ((M, N) = all
 // leading dims flattened); statistics (mean, rstd, lse) are fp32 whatever the input dtype.
@@ -36,13 +36,15 @@ TORCH_LIBRARY(gptfast, m) {
   // (M, N) contiguous, x's dtype. A kernel for small M (batched decoding): see csrc/cpu/skinny_linear.cpp.
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // One GPT-2 decoding step (CPU; see csrc/cpu/decode_step.cpp): tokens, pos (B,) int64; wte (V, C);
-  // wpe (block_size, C); layers: 12 per block (ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc,
-  // b_fc, w_proj, b_proj; nn.Linear layouts; matrices fp32 or bf16); w_head (V, C); caches per block
-  // (B, H, T_max, D) fp32, K/V written at pos; exact_gelu as gelu_mlp's exact. Returns (B, V) fp32 logits.
+  // wpe (block_size, C); the block weights by name, one list per kind with one entry per block
+  // (nn.Linear layouts; matrices fp32 or bf16, the rest fp32; Tensor? = may be None); w_head (V, C);
+  // caches per block (B, H, T_max, D) fp32, K/V written at pos; exact_gelu as gelu_mlp's exact.
+  // Returns (B, V) fp32 logits. Python: gptfast.ops.native.decode_step / DecodeStepWeights.
   m.def(
-      "decode_step(Tensor tokens, Tensor pos, Tensor wte, Tensor wpe, Tensor?[] layers, Tensor? lnf_w, "
-      "Tensor? lnf_b, Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps, bool exact_gelu=False) "
-      "-> Tensor");
+      "decode_step(Tensor tokens, Tensor pos, Tensor wte, Tensor wpe, Tensor?[] ln1_w, Tensor?[] ln1_b, "
+      "Tensor[] w_qkv, Tensor?[] b_qkv, Tensor[] w_o, Tensor?[] b_o, Tensor?[] ln2_w, Tensor?[] ln2_b, "
+      "Tensor[] w_fc, Tensor?[] b_fc, Tensor[] w_proj, Tensor?[] b_proj, Tensor? lnf_w, Tensor? lnf_b, "
+      "Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps, bool exact_gelu=False) -> Tensor");
   // q: (B, H, Tq, D); caches: (B, H, T_max, D); cache_lens: (B,) int64. See gptfast/ops/reference.py.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // logits: (B, V); uniform: (B,) fp32 draws in [0, 1) made by the caller (torch.rand with the user's

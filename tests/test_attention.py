@@ -207,7 +207,7 @@ def test_opcheck_attention_ops():
 
 def test_compile_fullgraph_smoke():
     _native_or_skip()
-    from gptfast.ops import native_attention
+    from gptfast.ops.native import attention as native_attention
 
     compiled = torch.compile(native_attention.causal_attention, fullgraph=True, backend="eager")
     q, k, v = _qkv(1, 2, 33, 32, requires_grad=True)

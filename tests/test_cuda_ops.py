@@ -2,7 +2,7 @@
 
 GPU only (`@pytest.mark.gpu`; skipped with the reason on machines without CUDA). The library ops
 `torch.ops.gptfast.*` are called directly (their CUDA kernels are registered by
-csrc/cuda/bindings.cpp; autograd of the *_fwd ops by gptfast/ops/native.py), so these tests do
+csrc/cuda/bindings.cpp; autograd of the *_fwd ops by gptfast/ops/native/_meta.py), so these tests do
 not depend on which backend `auto` would pick.
 
 Tolerances follow FlashAttention's rule everywhere, fp32 included: the kernel's max error against

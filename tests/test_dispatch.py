@@ -65,9 +65,9 @@ def test_failed_build_falls_back(monkeypatch):
     def broken():
         raise RuntimeError("Error building extension 'x':\nFAILED: a.o\ncsrc/cpu/a.cpp:1:1: error: boom\n")
 
-    monkeypatch.setattr(native, "_STATE", native._LoaderState())
-    monkeypatch.setattr(native, "_prebuilt", lambda: None)
-    monkeypatch.setattr(native, "_jit_build", broken)
+    monkeypatch.setattr(native._loader, "_STATE", native._loader._LoaderState())
+    monkeypatch.setattr(native._loader, "_prebuilt", lambda: None)
+    monkeypatch.setattr(native._loader, "_jit_build", broken)
     monkeypatch.delenv("GPTFAST_BACKEND", raising=False)
     with pytest.warns(RuntimeWarning, match="native extension is unavailable"):
         reason = native.availability("cpu")
@@ -86,7 +86,7 @@ def test_import_builds_nothing(tmp_path):
         "import sys, gptfast, gptfast.ops\n"
         "import torch.utils.cpp_extension as ce\n"
         "ce.load = lambda *a, **k: sys.exit('built!')\n"
-        "assert 'gptfast.ops.native' not in sys.modules or not sys.modules['gptfast.ops.native']._STATE.loaded\n"
+        "assert 'gptfast.ops.native._loader' not in sys.modules or not sys.modules['gptfast.ops.native._loader']._STATE.loaded\n"
         "assert not any(n.startswith('gptfast_C') or n == 'gptfast._C' for n in sys.modules)\n"
         "print('ok')\n"
     )

@@ -10,12 +10,14 @@
 // in a CUDA graph (github.com/pytorch-labs/gpt-fast, generate.py: decode_one_token under
 // torch.compile(mode="reduce-overhead")).
 //
-// The computation is exactly gptfast.engine.decode_one_token's with the native backend (same
-// kernels, same order: embedding + position, then per block ln_1 -> c_attn -> write K/V at each
-// row's own position -> decode attention over positions 0..pos[b] -> c_proj + residual -> ln_2 ->
-// GELU-MLP + residual (exact_gelu: the erf GELU, else the tanh one), then ln_f and the LM head), so the two agree to the last bit; the tests
-// check both against the reference generation.
+// The computation is exactly the model's decode forward with the native backend (same kernels,
+// same order: embedding + position, then per block ln_1 -> c_attn -> write K/V at each row's own
+// position -> decode attention over positions 0..pos[b] -> c_proj + residual -> ln_2 -> GELU-MLP +
+// residual (exact_gelu: the erf GELU, else the tanh one), then ln_f and the LM head), so the two
+// agree to the last bit (tests/test_decode_step_abi.py checks it against the public ops).
 //
+// Weights come by name: one list per kind (ln1_w, w_qkv, ...), one entry per block, so no caller
+// keeps slot positions in agreement (the Python side: gptfast.ops.native.DecodeStepWeights).
 // Weights are nn.Linear's (out, in) layout, used in place. Matrices may be fp32 or bf16
 // (weight-only bf16: half the bytes streamed; every product widened exactly and accumulated in
 // fp32). Activations, LayerNorm parameters, biases, wpe and the KV cache are fp32.
@@ -31,21 +33,17 @@
 namespace gptfast {
 namespace {
 
-constexpr int64_t kPerLayer = 12;  // ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc, w_proj, b_proj
-constexpr const char* kSlot[kPerLayer] = {"ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o",    "b_o",
-                                          "ln2_w", "ln2_b", "w_fc",  "b_fc",  "w_proj", "b_proj"};
 constexpr const char* kOp = "decode_step";
 
-void check_matrix(const c10::optional<at::Tensor>& t, int64_t layer, int slot, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.has_value(), kOp, ": layers[", layer * kPerLayer + slot, "] (layer ", layer, " ", kSlot[slot],
-              ") must be a tensor, got None");
-  TORCH_CHECK(t->device().is_cpu(), kOp, ": layer ", layer, " ", kSlot[slot], " must be a CPU tensor, got device ",
-              t->device());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, kOp, ": layer ", layer, " ",
-              kSlot[slot], " must be float32 or bfloat16, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == 2 && (rows < 0 || t->size(0) == rows) && t->size(1) == cols, kOp, ": layer ", layer, " ",
-              kSlot[slot], " must have shape (", rows < 0 ? std::string("F") : std::to_string(rows), ", ", cols,
-              "), got ", t->sizes());
+// A weight matrix of block `layer`, named by its list (`w_qkv`, ...). rows < 0: any (F).
+void check_matrix(const at::Tensor& t, int64_t layer, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu(), kOp, ": layer ", layer, " ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, kOp, ": layer ", layer, " ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == cols, kOp, ": layer ", layer, " ",
+              name, " must have shape (", rows < 0 ? std::string("F") : std::to_string(rows), ", ", cols, "), got ",
+              t.sizes());
 }
 
 // A vector parameter (LayerNorm weight / bias, a bias) or None. `layer` < 0: not a block's (ln_f).
@@ -57,6 +55,12 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t layer, const char*
   TORCH_CHECK(t->device().is_cpu(), kOp, ": ", where(), " must be a CPU tensor, got device ", t->device());
   TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", where(), " must be float32, got ", t->scalar_type());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == n, kOp, ": ", where(), " must have shape (", n, "), got ", t->sizes());
+}
+
+// Every per-layer list holds one entry per block (k_cache's length).
+void check_len(const char* name, size_t got, int64_t L) {
+  TORCH_CHECK(static_cast<int64_t>(got) == L, kOp, ": ", name, " must hold one entry per layer (", L,
+              ", the length of k_cache), got ", got);
 }
 
 // K and V of every row (qkv (B, 3C) = [q | k | v], head h at h*D) into the caches (B, H, T_max, D),
@@ -75,12 +79,17 @@ void write_kv(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const int64
   }
 }
 
+using OptList = c10::List<c10::optional<at::Tensor>>;
+
 }  // namespace
 
 at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& wte, const at::Tensor& wpe,
-                       const c10::List<c10::optional<at::Tensor>>& layers, const c10::optional<at::Tensor>& lnf_w,
-                       const c10::optional<at::Tensor>& lnf_b, const at::Tensor& w_head, at::TensorList k_cache,
-                       at::TensorList v_cache, double eps, bool exact_gelu) {
+                       const OptList& ln1_w, const OptList& ln1_b, at::TensorList w_qkv, const OptList& b_qkv,
+                       at::TensorList w_o, const OptList& b_o, const OptList& ln2_w, const OptList& ln2_b,
+                       at::TensorList w_fc, const OptList& b_fc, at::TensorList w_proj, const OptList& b_proj,
+                       const c10::optional<at::Tensor>& lnf_w, const c10::optional<at::Tensor>& lnf_b,
+                       const at::Tensor& w_head, at::TensorList k_cache, at::TensorList v_cache, double eps,
+                       bool exact_gelu) {
   // ---- inputs: every one checked here, before anything is written to the caches
   TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
               ": tokens must be a 1-D int64 CPU tensor (B,), got ", tokens.scalar_type(), " ", tokens.sizes(), " on ",
@@ -101,8 +110,18 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   const int64_t L = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(static_cast<int64_t>(v_cache.size()) == L, kOp, ": k_cache and v_cache must hold one tensor per layer "
               "each, got ", L, " and ", v_cache.size());
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == kPerLayer * L, kOp, ": layers must hold ", kPerLayer,
-              " entries per layer (", kPerLayer * L, " for ", L, " cache layers), got ", layers.size());
+  check_len("ln1_w", ln1_w.size(), L);
+  check_len("ln1_b", ln1_b.size(), L);
+  check_len("w_qkv", w_qkv.size(), L);
+  check_len("b_qkv", b_qkv.size(), L);
+  check_len("w_o", w_o.size(), L);
+  check_len("b_o", b_o.size(), L);
+  check_len("ln2_w", ln2_w.size(), L);
+  check_len("ln2_b", ln2_b.size(), L);
+  check_len("w_fc", w_fc.size(), L);
+  check_len("b_fc", b_fc.size(), L);
+  check_len("w_proj", w_proj.size(), L);
+  check_len("b_proj", b_proj.size(), L);
   int64_t H = 0, T_max = 0, D = 0;
   for (int64_t l = 0; l < L; ++l) {
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache[l]},
@@ -130,23 +149,22 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
                 ") (the cache length and the position table), got ", pp[b]);
   }
   for (int64_t l = 0; l < L; ++l) {
-    auto at_ = [&](int slot) -> const c10::optional<at::Tensor> { return layers.get(l * kPerLayer + slot); };
-    check_vector(at_(0), l, kSlot[0], C);
-    check_vector(at_(1), l, kSlot[1], C);
-    check_matrix(at_(2), l, 2, 3 * C, C);
-    check_vector(at_(3), l, kSlot[3], 3 * C);
-    check_matrix(at_(4), l, 4, C, C);
-    check_vector(at_(5), l, kSlot[5], C);
-    check_vector(at_(6), l, kSlot[6], C);
-    check_vector(at_(7), l, kSlot[7], C);
-    check_matrix(at_(8), l, 8, -1, C);
-    const int64_t F = at_(8)->size(0);
-    check_vector(at_(9), l, kSlot[9], F);
-    check_matrix(at_(10), l, 10, C, F);
-    check_vector(at_(11), l, kSlot[11], C);
-    TORCH_CHECK(at_(8)->scalar_type() == at_(10)->scalar_type(), kOp, ": layer ", l,
-                " w_fc and w_proj must have the same dtype, got ", at_(8)->scalar_type(), " and ",
-                at_(10)->scalar_type());
+    check_vector(ln1_w.get(l), l, "ln1_w", C);
+    check_vector(ln1_b.get(l), l, "ln1_b", C);
+    check_matrix(w_qkv[l], l, "w_qkv", 3 * C, C);
+    check_vector(b_qkv.get(l), l, "b_qkv", 3 * C);
+    check_matrix(w_o[l], l, "w_o", C, C);
+    check_vector(b_o.get(l), l, "b_o", C);
+    check_vector(ln2_w.get(l), l, "ln2_w", C);
+    check_vector(ln2_b.get(l), l, "ln2_b", C);
+    check_matrix(w_fc[l], l, "w_fc", -1, C);
+    const int64_t F = w_fc[l].size(0);
+    check_vector(b_fc.get(l), l, "b_fc", F);
+    check_matrix(w_proj[l], l, "w_proj", C, F);
+    check_vector(b_proj.get(l), l, "b_proj", C);
+    TORCH_CHECK(w_fc[l].scalar_type() == w_proj[l].scalar_type(), kOp, ": layer ", l,
+                " w_fc and w_proj must have the same dtype, got ", w_fc[l].scalar_type(), " and ",
+                w_proj[l].scalar_type());
   }
   check_vector(lnf_w, -1, "lnf_w", C);
   check_vector(lnf_b, -1, "lnf_b", C);
@@ -156,22 +174,21 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
               w_head.scalar_type(), " ", w_head.sizes(), " on ", w_head.device());
   TORCH_CHECK(std::isfinite(eps) && eps > 0, kOp, ": eps must be a positive finite number, got ", eps);
 
-  // ---- the forward (see the header comment; mirrors gptfast.engine.decode_one_token)
+  // ---- the forward (see the header comment)
   at::Tensor x = wte.index_select(0, tok).to(at::kFloat);  // (B, C): a new tensor even when wte is fp32
   x.add_(wpe.index_select(0, ps));
   const at::Tensor lens = ps + 1;  // each row attends to positions 0..pos[b]
   const double scale = D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0;
   for (int64_t l = 0; l < L; ++l) {
-    auto at_ = [&](int slot) -> const c10::optional<at::Tensor> { return layers.get(l * kPerLayer + slot); };
     at::Tensor kc = k_cache[l], vc = v_cache[l];
-    at::Tensor h = std::get<0>(layer_norm_fwd(x, at_(0), at_(1), eps));
-    const at::Tensor qkv = skinny_linear(h, *at_(2), at_(3));  // (B, 3C)
+    at::Tensor h = std::get<0>(layer_norm_fwd(x, ln1_w.get(l), ln1_b.get(l), eps));
+    const at::Tensor qkv = skinny_linear(h, w_qkv[l], b_qkv.get(l));  // (B, 3C)
     write_kv(qkv, kc, vc, pp);
     const at::Tensor q = qkv.view({B, 3, H, D}).select(1, 0).unsqueeze(2);  // (B, H, 1, D) view
     const at::Tensor y = decode_attention_cpu(q, kc, vc, lens, scale);     // (B, H, 1, D) contiguous
-    x.add_(skinny_linear(y.view({B, C}), *at_(4), at_(5)));
-    h = std::get<0>(layer_norm_fwd(x, at_(6), at_(7), eps));
-    x.add_(gelu_mlp_infer(h, *at_(8), at_(9), *at_(10), at_(11), exact_gelu));
+    x.add_(skinny_linear(y.view({B, C}), w_o[l], b_o.get(l)));
+    h = std::get<0>(layer_norm_fwd(x, ln2_w.get(l), ln2_b.get(l), eps));
+    x.add_(gelu_mlp_infer(h, w_fc[l], b_fc.get(l), w_proj[l], b_proj.get(l), exact_gelu));
   }
   x = std::get<0>(layer_norm_fwd(x, lnf_w, lnf_b, eps));
   return skinny_linear(x, w_head, c10::nullopt);  // (B, V) fp32

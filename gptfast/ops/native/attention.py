@@ -3,15 +3,16 @@
 - `causal_attention` calls `torch.ops.gptfast.causal_attention_fwd` (csrc/cpu/attention.cpp, a
   FlashAttention-2 style tiled forward that also returns the row log-sum-exp); its autograd
   (backward = `causal_attention_bwd`, which recomputes the probabilities from q, k and lse) and the
-  fake kernels are registered in `gptfast/ops/native.py` when the library loads.
+  fake kernels are registered in `gptfast/ops/native/_meta.py` when the library loads.
 - `decode_attention` calls `torch.ops.gptfast.decode_attention` (csrc/cpu/decode_attention.cpp,
   split-K "flash-decoding" over the cache length).
 
 The C++ kernels take fp32 and fp64; fp16 / bf16 inputs are computed in fp32 and cast back, which
 is exactly what the reference does (it accumulates half types in fp32). Dropout is not
 implemented natively: `unsupported` says so, so `auto` falls back and `backend="native"` raises.
-These functions are re-exported by `gptfast.ops.native` (the backend module); call them through
-`gptfast.ops`, which validates the arguments.
+These functions are re-exported by `gptfast.ops.native` (the backend package); call them through
+`gptfast.ops`, which validates the arguments. This module imports the loader only (not the
+package), so there is no import circle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-from gptfast.ops import native as _native
+from gptfast.ops.native._loader import ensure_loaded
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)  # what the C++ kernels take
 _CAST_DTYPES = (torch.float16, torch.bfloat16)  # computed in fp32 on CPU, like the reference
@@ -74,7 +75,7 @@ def causal_attention(
     scale: defaults to 1/sqrt(D). dropout_p must be 0. Returns (B, H, T, D) in q's dtype,
     contiguous; differentiable w.r.t. q, k, v.
     """
-    _native.ensure_loaded()
+    ensure_loaded()
     if dropout_p > 0.0:
         raise ValueError(f"causal_attention: the native backend has no dropout, got dropout_p={dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -96,7 +97,7 @@ def decode_attention(
     inner stride 1 are read in place, whatever the other strides); cache_lens: (B,) int32/int64,
     Tq <= cache_lens[b] <= T_max. Returns (B, H, Tq, D) in q's dtype. Inference only (no autograd).
     """
-    _native.ensure_loaded()
+    ensure_loaded()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dt = _kernel_dtype(q)
     if dt == q.dtype:  # the decode loop's case: skip four no-op `.to` dispatches (~1-3 us each)

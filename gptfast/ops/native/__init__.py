@@ -1,0 +1,271 @@
+"""The `native` backend: gptfast's C++ (CPU) and CUDA kernels, registered with `torch.library`.
+
+The package, by job:
+- `_loader`: finds or JIT-builds the library (csrc/), once per process, lazily; `availability`.
+- `_meta`: the fake (meta) kernels and autograd, registered once the library is loaded.
+- `attention`: the attention wrappers (`causal_attention`, `decode_attention`) and their limits.
+- here: the backend protocol (`availability`, `unsupported`) and the op wrappers, with exactly
+  the signatures of `gptfast/ops/reference.py`, plus the native-only ops `skinny_linear` and
+  `decode_step` (the fused CPU decoding step, weights by name in a `DecodeStepWeights`).
+
+Importing this package builds nothing; the first op call (or `availability`) loads the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from gptfast.ops.native import _loader
+from gptfast.ops.native._loader import (  # noqa: F401  (public names of the backend)
+    KEEP_BUILDS,
+    _has_kernel,
+    availability,
+    ensure_loaded,
+    ext_dir,
+    load_extension,
+    prune_builds,
+)
+from gptfast.ops.native import attention as _attention
+from gptfast.ops.native.attention import causal_attention, decode_attention  # noqa: F401
+
+_ATTENTION_OPS = ("causal_attention", "decode_attention")
+# dtypes the CPU kernels of layer_norm / gelu_mlp accept (fp64 for gradcheck). `sample` takes any
+# floating dtype: the wrapper casts to fp32 first, exactly as the reference does.
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float_dtype() in csrc/cuda/bindings.cpp
+
+
+# ----------------------------------------------------------------------------- backend protocol
+
+
+def unsupported(op: str, device_type: str = "cpu", dtype: torch.dtype | None = None, **call) -> str | None:
+    """None if this call can run natively, else why not (op missing for the device, dtype, ...)."""
+    lib_op = _loader._OP_KERNEL.get(op)
+    if lib_op is None and op != "linear":
+        return f"{op} has no native kernel"
+    if not _loader._STATE.loaded:
+        reason = availability(device_type)
+        if reason is not None:
+            return reason
+    if op == "linear":  # skinny_linear where it pays, else F.linear (see `linear`): any call runs
+        return None
+    if not _has_kernel(lib_op, device_type):
+        return f"no native {device_type.upper()} kernel registered for {op}"
+    if op in ("layer_norm", "gelu_mlp") and device_type == "cpu" and dtype is not None and dtype not in _CPU_DTYPES:
+        return f"native CPU {op} supports float32 and float64, got {dtype}"
+    if op in ("layer_norm", "gelu_mlp", "sample") and device_type == "cuda" and dtype is not None and dtype not in _CUDA_DTYPES:
+        return f"native CUDA {op} supports float32, float16 and bfloat16, got {dtype}"
+    if op in _ATTENTION_OPS:
+        return _attention.unsupported(op, device_type=device_type, dtype=dtype, **call)
+    return None
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the last dim; see `reference.layer_norm`. x: (..., N); weight, bias: (N,) or None."""
+    ensure_loaded()
+    N = x.shape[-1]
+    y, _mean, _rstd = torch.ops.gptfast.layer_norm_fwd(x.reshape(-1, N), weight, bias, float(eps))  # (M, N)
+    return y.view(x.shape)
+
+
+def gelu_mlp(
+    x: torch.Tensor,
+    w_fc: torch.Tensor,
+    b_fc: torch.Tensor | None,
+    w_proj: torch.Tensor,
+    b_proj: torch.Tensor | None,
+    activation: str = "gelu_tanh",
+) -> torch.Tensor:
+    """gelu(x w_fc^T + b_fc) w_proj^T + b_proj; see `reference.gelu_mlp`. x: (..., C).
+    activation "gelu" runs the kernels with exact=True (erf GELU), "gelu_tanh" with exact=False.
+
+    w_fc / w_proj may be bfloat16 with float32 x (weight-only bf16): the CPU inference kernel
+    reads them as they are (widened exactly, fp32 math); the training forward and the CUDA
+    kernels get fp32 copies (`.to(x.dtype)`, exact), which compute the same thing.
+    """
+    ensure_loaded()
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    exact = activation == "gelu"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_fc, b_fc, w_proj, b_proj)):
+        w_fc, w_proj = w_fc.to(x.dtype), w_proj.to(x.dtype)  # no-ops unless weight-only bf16
+        y, _pre = torch.ops.gptfast.gelu_mlp_fwd(x2, w_fc, b_fc, w_proj, b_proj, exact)  # pre saved for backward
+    else:  # inference: no pre to keep, GELU in place
+        if not x.is_cpu:
+            w_fc, w_proj = w_fc.to(x.dtype), w_proj.to(x.dtype)
+        y = torch.ops.gptfast.gelu_mlp_infer(x2, w_fc, b_fc, w_proj, b_proj, exact)
+    return y.view(*x.shape[:-1], w_proj.shape[0])
+
+
+# Largest M for which `skinny_linear` beats torch.mm / addmm on CPU fp32 (measured; the C++ side
+# uses the same number, kSkinnyMaxM in csrc/cpu/skinny_linear.h, inside gelu_mlp's forward).
+SKINNY_MAX_M = 16
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T + bias (N,) -> (M, N): `F.linear` for a few rows (CPU, fp32/fp64).
+
+    Streams the weight once whatever M is (batched decoding); weight in nn.Linear layout, inner
+    stride 1 (anything else is copied first). On CPU the weight may also be bf16 with fp32 x
+    (weight-only bf16: widened exactly, accumulated in fp32; output fp32). Differentiable
+    (backward with ATen matmuls).
+    """
+    ensure_loaded()
+    return torch.ops.gptfast.skinny_linear(x, weight, bias)
+
+
+_SKINNY_DEVICES: dict[str, bool] = {}  # device type -> has a skinny_linear kernel (fixed once loaded)
+
+
+def skinny_linear_available(device_type: str = "cpu") -> bool:
+    """Whether the loaded library has a `skinny_linear` kernel for the device (False if not built)."""
+    if device_type in _SKINNY_DEVICES and _loader._STATE.loaded:
+        return _SKINNY_DEVICES[device_type]
+    try:
+        ensure_loaded()
+    except RuntimeError:
+        return False
+    ok = device_type in ("cpu", "cuda") and _has_kernel("skinny_linear", device_type)
+    _SKINNY_DEVICES[device_type] = ok
+    return ok
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T + bias -> (..., N); see `reference.linear`.
+
+    A few rows (M = x.numel() // K <= SKINNY_MAX_M, batched decoding) of fp32/fp64 x run
+    `skinny_linear` where the library has it for the device (CPU today: it streams the weight once
+    and reads bf16 weights itself); anything else is `F.linear` on the widened weight (cuBLAS /
+    oneDNN GEMMs are the right kernels for many rows). Differentiable either way.
+    """
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if 1 <= M <= SKINNY_MAX_M and x.dtype in _CPU_DTYPES and skinny_linear_available(x.device.type):
+        y = torch.ops.gptfast.skinny_linear(x.reshape(M, K), weight, bias)  # (M, N)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B,) int64, token-for-token as `reference.sample`.
+
+    The uniform draw is made here with torch.rand exactly as the reference makes it (and not at
+    all for temperature 0), so both consume the generator identically and pick the same tokens.
+    """
+    ensure_loaded()
+    if logits.dtype not in _CPU_DTYPES:
+        logits = logits.float()  # exact for fp16/bf16; the reference works in fp32 as well
+    B = logits.shape[0]
+    if temperature == 0.0:
+        uniform = torch.zeros(B, device=logits.device, dtype=torch.float32)  # unused: argmax
+    else:
+        uniform = torch.rand(B, generator=generator, device=logits.device, dtype=torch.float32)
+    return torch.ops.gptfast.sample(
+        logits,
+        float(temperature),
+        0 if top_k is None else int(top_k),
+        1.0 if top_p is None else float(top_p),
+        uniform,
+    )
+
+
+# ----------------------------------------------------------------------------- fused decode step
+
+
+@dataclasses.dataclass
+class DecodeStepWeights:
+    """A GPT-2's weights for `decode_step`, by name: one list per kind, one entry per block.
+
+    Matrices in nn.Linear's (out, in) layout, fp32 or bfloat16 (weight-only bf16; w_fc and w_proj
+    of a block share a dtype): w_qkv (3C, C), w_o (C, C), w_fc (F, C), w_proj (C, F), w_head (V, C),
+    wte (V, C). Vectors fp32 or None (absent bias / LayerNorm affine): ln*_w, ln*_b, lnf_w, lnf_b
+    (C,), b_qkv (3C,), b_o (C,), b_fc (F,), b_proj (C,). wpe (block_size, C) fp32. eps: every
+    LayerNorm's; exact_gelu: the erf GELU instead of the tanh one. Shapes and dtypes are checked
+    by the op on every call (C++); the list lengths and the None matrices here, at construction.
+    """
+
+    wte: torch.Tensor
+    wpe: torch.Tensor
+    ln1_w: list[torch.Tensor | None]
+    ln1_b: list[torch.Tensor | None]
+    w_qkv: list[torch.Tensor]
+    b_qkv: list[torch.Tensor | None]
+    w_o: list[torch.Tensor]
+    b_o: list[torch.Tensor | None]
+    ln2_w: list[torch.Tensor | None]
+    ln2_b: list[torch.Tensor | None]
+    w_fc: list[torch.Tensor]
+    b_fc: list[torch.Tensor | None]
+    w_proj: list[torch.Tensor]
+    b_proj: list[torch.Tensor | None]
+    lnf_w: torch.Tensor | None
+    lnf_b: torch.Tensor | None
+    w_head: torch.Tensor
+    eps: float
+    exact_gelu: bool = False
+
+    LISTS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w", "ln2_b", "w_fc", "b_fc", "w_proj", "b_proj")
+    MATRICES = ("w_qkv", "w_o", "w_fc", "w_proj")
+
+    def __post_init__(self) -> None:
+        n = len(self.w_qkv) if isinstance(self.w_qkv, (list, tuple)) else None
+        for name in self.LISTS:
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"DecodeStepWeights: {name} must be a list (one entry per layer), got {type(v).__name__}")
+            if len(v) != n:
+                raise ValueError(f"DecodeStepWeights: {name} must hold one entry per layer like w_qkv ({n}), got {len(v)}")
+            setattr(self, name, list(v))
+        for name in self.MATRICES:
+            for i, t in enumerate(getattr(self, name)):
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"DecodeStepWeights: {name}[{i}] (layer {i} {name}) must be a tensor, "
+                                     f"got {type(t).__name__}")
+        for name in ("wte", "wpe", "w_head"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise ValueError(f"DecodeStepWeights: {name} must be a tensor, got {type(getattr(self, name)).__name__}")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.w_qkv)
+
+
+def decode_step(tokens: torch.Tensor, pos: torch.Tensor, weights: DecodeStepWeights, k_cache: list[torch.Tensor],
+                v_cache: list[torch.Tensor]) -> torch.Tensor:
+    """One GPT-2 decoding step in one native CPU op (no Python between kernels): tokens, pos (B,)
+    int64 -> logits (B, V) fp32, writing each row's K/V into `k_cache` / `v_cache` (one (B, H,
+    T_max, D) fp32 contiguous tensor per block) at pos. See csrc/cpu/decode_step.cpp for what it
+    computes; every input is checked before any cache is written (RuntimeError naming it)."""
+    ensure_loaded()
+    w = weights
+    return torch.ops.gptfast.decode_step(
+        tokens, pos, w.wte, w.wpe, w.ln1_w, w.ln1_b, w.w_qkv, w.b_qkv, w.w_o, w.b_o, w.ln2_w, w.ln2_b,
+        w.w_fc, w.b_fc, w.w_proj, w.b_proj, w.lnf_w, w.lnf_b, w.w_head, k_cache, v_cache,
+        float(w.eps), bool(w.exact_gelu),
+    )
+
+
+def decode_step_available() -> bool:
+    """Whether the loaded library has the fused CPU decode step (False if not built)."""
+    try:
+        ensure_loaded()
+    except RuntimeError:
+        return False
+    return _has_kernel("decode_step", "cpu")
