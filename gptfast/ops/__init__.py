@@ -33,7 +33,7 @@ import torch
 from gptfast.errors import UserError
 
 BACKENDS = ("reference", "torch", "native", "triton")
-OPS = ("causal_attention", "layer_norm", "gelu_mlp", "decode_attention", "sample")
+OPS = ("causal_attention", "layer_norm", "gelu_mlp", "linear", "decode_attention", "sample")
 _AUTO_ORDER = ("triton", "native", "torch", "reference")
 _ACTIVATIONS = ("gelu_tanh", "gelu")  # gelu_mlp's; = gptfast.config.ACTIVATIONS
 _MODULES = {
@@ -156,7 +156,17 @@ def explain(op: str, device_type: str = "cpu") -> tuple[str, dict[str, str]]:
     return chosen, status
 
 
-def _impl(op: str, device_type: str, backend: str | None, **call):
+def resolved(op: str, device_type: str = "cpu", backend: str | None = None, **call):
+    """The backend function that runs `op` on `device_type` for this call (resolving `auto` as the
+    public op would; `call` as `resolve`'s: dtype=..., head_dim=..., ...).
+
+    No input validation: for callers that validate once and call many times (the generation
+    loop). It takes the backend's own signature, which is the public op's without `backend=`,
+    except `sample`: (logits, temperature, top_k, top_p, uniform), with `uniform` from
+    `draw_uniform`.
+    """
+    if op not in OPS:
+        raise ValueError(f"resolved: unknown op {op!r}; expected one of {OPS}")
     return getattr(_load(resolve(op, device_type, backend, **call)), op)
 
 
@@ -184,6 +194,18 @@ def _check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tenso
             )
         if t.dtype != ref.dtype:
             raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
+def _check_weight(op: str, name: str, w, x: torch.Tensor) -> None:
+    """A weight matrix: x's device and dtype, or bfloat16 with float32 x (weight-only bf16)."""
+    _check_tensor(name, w, op)
+    if w.device != x.device:
+        raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {w.device}")
+    if w.dtype != x.dtype and not (w.dtype == torch.bfloat16 and x.dtype == torch.float32):
+        raise TypeError(
+            f"{op}: {name} must have x's dtype {x.dtype} (or bfloat16 with float32 x, weight-only bf16), "
+            f"got {w.dtype}"
+        )
 
 
 def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
@@ -228,7 +250,7 @@ def causal_attention(
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    fn = _impl(op, q.device.type, backend, dtype=q.dtype, head_dim=q.shape[-1], dropout_p=dropout_p)
+    fn = resolved(op, q.device.type, backend, dtype=q.dtype, head_dim=q.shape[-1], dropout_p=dropout_p)
     return fn(q, k, v, scale, float(dropout_p))
 
 
@@ -257,7 +279,7 @@ def layer_norm(
             raise ValueError(f"{op}: {name} must have shape ({N},), got {tuple(t.shape)}")
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps!r}")
-    fn = _impl(op, x.device.type, backend, dtype=x.dtype, n=N)
+    fn = resolved(op, x.device.type, backend, dtype=x.dtype, n=N)
     return fn(x, weight, bias, float(eps))
 
 
@@ -274,16 +296,20 @@ def gelu_mlp(
     """GPT-2's MLP, gelu(x w_fc^T + b_fc) w_proj^T + b_proj, with bias + GELU fused.
 
     x: (..., C); w_fc: (F, C); b_fc: (F,) or None; w_proj: (C_out, F); b_proj: (C_out,) or None
-    (`nn.Linear` layout), all one dtype and device. activation: "gelu_tanh" (GPT-2's tanh
-    approximation) or "gelu" (the exact erf GELU, `torch.nn.GELU()`; see `GPTConfig.activation`).
-    Returns (..., C_out). Differentiable w.r.t. every tensor argument.
+    (`nn.Linear` layout), all one dtype and device, except that w_fc / w_proj may be bfloat16
+    when x is float32 (weight-only bf16: the result is fp32 math on the bf16 weights, widened
+    exactly). activation: "gelu_tanh" (GPT-2's tanh approximation) or "gelu" (the exact erf GELU,
+    `torch.nn.GELU()`; see `GPTConfig.activation`). Returns (..., C_out) in x's dtype.
+    Differentiable w.r.t. every tensor argument.
     """
     op = "gelu_mlp"
     if activation not in _ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     _check_tensor("x", x, op)
     _check_float("x", x, op)
-    _check_same(op, "x", x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj)
+    _check_same(op, "x", x, b_fc=b_fc, b_proj=b_proj)
+    _check_weight(op, "w_fc", w_fc, x)
+    _check_weight(op, "w_proj", w_proj, x)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must be (..., C), got a 0-D tensor")
     C = x.shape[-1]
@@ -298,8 +324,41 @@ def gelu_mlp(
         raise ValueError(
             f"{op}: b_proj must have shape ({w_proj.shape[0]},), got {tuple(b_proj.shape)}"
         )
-    fn = _impl(op, x.device.type, backend, dtype=x.dtype, activation=activation)
+    # Weight-only bf16 weights go to the backend as they are: the native CPU kernel reads them
+    # itself, every other backend function widens them (`.to(x.dtype)`, exact) first.
+    fn = resolved(op, x.device.type, backend, dtype=x.dtype, activation=activation)
     return fn(x, w_fc, b_fc, w_proj, b_proj, activation=activation)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x weight^T + bias, as `torch.nn.functional.linear`.
+
+    x: (..., K) floating point; weight: (N, K) (`nn.Linear` layout) in x's dtype, or bfloat16 when
+    x is float32 (weight-only bf16: the result is exactly fp32 math on the bf16 weight, widened
+    exactly); bias: (N,) in x's dtype, or None; all on one device. Returns (..., N) in x's dtype.
+    Differentiable w.r.t. x, weight and bias. The native backend runs few rows (M = x.numel() // K
+    <= `native.SKINNY_MAX_M`, batched decoding) with its skinny kernel on CPU.
+    """
+    op = "linear"
+    _check_tensor("x", x, op)
+    _check_float("x", x, op)
+    _check_weight(op, "weight", weight, x)
+    _check_same(op, "x", x, bias=bias)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be (..., K), got a 0-D tensor")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"{op}: weight must have shape (N, {K}) (nn.Linear layout), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    fn = resolved(op, x.device.type, backend, dtype=x.dtype, weight_dtype=weight.dtype)
+    return fn(x, weight, bias)
 
 
 def decode_attention(
@@ -353,7 +412,7 @@ def decode_attention(
             )
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
-    fn = _impl(op, q.device.type, backend, dtype=q.dtype, head_dim=D, n_query=Tq)
+    fn = resolved(op, q.device.type, backend, dtype=q.dtype, head_dim=D, n_query=Tq)
     return fn(q, k_cache, v_cache, cache_lens, scale)
 
 
@@ -394,7 +453,7 @@ def sample(
         )
     if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
         check_logits(logits, op)
-    fn = _impl(op, logits.device.type, backend, dtype=logits.dtype)
+    fn = resolved(op, logits.device.type, backend, dtype=logits.dtype)
     return fn(logits, float(temperature), top_k, None if top_p is None else float(top_p), generator)
 
 
@@ -445,9 +504,11 @@ __all__ = [
     "explain",
     "gelu_mlp",
     "layer_norm",
+    "linear",
     "nonfinite_logit_rows",
     "requested_backend",
     "resolve",
+    "resolved",
     "sample",
     "set_backend",
     "unavailable_reason",

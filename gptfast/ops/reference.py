@@ -26,8 +26,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-NAME = "reference"
-
 
 def availability(device_type: str) -> str | None:
     """Backend protocol: None = usable on this device type, else the reason it is not."""
@@ -121,9 +119,11 @@ def gelu_mlp(
     """GPT-2's MLP: gelu(x w_fc^T + b_fc) w_proj^T + b_proj.
 
     x: (..., C); w_fc: (F, C); b_fc: (F,) or None; w_proj: (C_out, F); b_proj: (C_out,) or None.
-    Weights use `nn.Linear`'s (out, in) layout. activation: "gelu_tanh" (`gelu_tanh`) or "gelu"
+    Weights use `nn.Linear`'s (out, in) layout, x's dtype or bfloat16 with float32 x (weight-only
+    bf16: widened exactly, fp32 math). activation: "gelu_tanh" (`gelu_tanh`) or "gelu"
     (`gelu_exact`). Returns (..., C_out) in x's dtype.
     """
+    w_fc, w_proj = w_fc.to(x.dtype), w_proj.to(x.dtype)  # no-ops unless weight-only bf16
     h = x @ w_fc.t()  # (..., F)
     if b_fc is not None:
         h = h + b_fc
@@ -131,6 +131,16 @@ def gelu_mlp(
     y = h @ w_proj.t()  # (..., C_out)
     if b_proj is not None:
         y = y + b_proj
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x weight^T + bias (`nn.Linear`): x (..., K); weight (N, K) in x's dtype, or bfloat16 with
+    float32 x (weight-only bf16: widened exactly, so the result is fp32 math on the bf16 weight);
+    bias (N,) or None. Returns (..., N) in x's dtype."""
+    y = x @ weight.to(x.dtype).t()  # (..., N)
+    if bias is not None:
+        y = y + bias
     return y
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NAME = "torch"
-
 
 def availability(device_type: str) -> str | None:
     return None
@@ -44,7 +42,12 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh"):
     approximate = "none" if activation == "gelu" else "tanh"
+    w_fc, w_proj = w_fc.to(x.dtype), w_proj.to(x.dtype)  # no-ops unless weight-only bf16
     return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate=approximate), w_proj, b_proj)
+
+
+def linear(x, weight, bias=None):
+    return F.linear(x, weight.to(x.dtype), bias)  # .to: weight-only bf16 (exact widening)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):

@@ -14,8 +14,7 @@ import importlib.util
 import os
 
 import torch
-
-NAME = "triton"
+import torch.nn.functional as F
 
 _HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,7 +41,7 @@ def availability(device_type: str) -> str | None:
 def unsupported(op: str, **call) -> str | None:
     """None if the kernels handle this call, else the reason (checked before any kernel runs)."""
     dtype = call.get("dtype")
-    if dtype is not None and dtype not in _DTYPES and op != "sample":
+    if dtype is not None and dtype not in _DTYPES and op not in ("sample", "linear"):
         return f"triton: {op} supports dtypes fp16/bf16/fp32, got {dtype}"
     if op in ("causal_attention", "decode_attention"):
         head_dim = call.get("head_dim")
@@ -72,7 +71,14 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 
 def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh"):
+    w_fc, w_proj = w_fc.to(x.dtype), w_proj.to(x.dtype)  # no-ops unless weight-only bf16
     return _kernels("gelu_mlp").gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation=activation)
+
+
+def linear(x, weight, bias=None):
+    # No Triton kernel on purpose: a linear layer is a plain GEMM, and cuBLAS (through F.linear) is
+    # the right kernel for it; a Triton GEMM would only match it. Weight-only bf16: widened exactly.
+    return F.linear(x, weight.to(x.dtype), bias)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
