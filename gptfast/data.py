@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .tokenizers import CharTokenizer, Tokenizer
 from gptfast.errors import InputError, MissingFileError
+from gptfast.io.atomic import write_file_atomic
 
 __all__ = [
     "load_text",
@@ -133,22 +133,9 @@ def _read_cache(bin_path: Path, meta_path: Path, sha256: str, tok_dict: dict) ->
 
 
 def _atomic_write_bytes(dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` atomically: temp file in the same directory (so the rename
-    cannot cross filesystems), then ``os.replace``. Readers see the old file or the new one,
-    never a partial write."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``data`` to ``dest`` atomically (gptfast.io.atomic): readers see the old file or the
+    new one, never a partial write."""
+    write_file_atomic(dest, lambda tmp: tmp.write_bytes(data))
 
 
 def _write_cache(bin_path: Path, meta_path: Path, ids: np.ndarray, meta: dict) -> None:

@@ -45,5 +45,20 @@ class NonFiniteError(InputError):
     numerics (dtype) are at fault, not gptfast."""
 
 
-__all__ = ["InputError", "InputFileError", "MissingDependencyError", "MissingFileError", "NonFiniteError",
-           "OutDirError", "UsageError", "UserError"]
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, truncated, corrupted, unsafe (a pickle asking for objects) or
+    does not fit the request (a config gptfast cannot honour). One class for every format
+    `gptfast.io` reads."""
+
+
+class GGUFExportError(UserError, ValueError):
+    """A model, tokenizer or argument GGUF / llama.cpp cannot take (the CLI prints it as one line)."""
+
+
+class GGUFDependencyError(UserError, ImportError):
+    """The `gguf` package is not installed."""
+
+
+__all__ = ["CheckpointError", "GGUFDependencyError", "GGUFExportError", "InputError", "InputFileError",
+           "MissingDependencyError", "MissingFileError", "NonFiniteError", "OutDirError", "UsageError",
+           "UserError"]

@@ -52,24 +52,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptfast.errors import UserError
+from gptfast.errors import GGUFDependencyError, GGUFExportError
+from gptfast.io.atomic import write_file_atomic
 
 __all__ = ["GGUF_DTYPES", "QK8_0", "GGUFExportError", "dequantize_q8_0", "gguf_tensor_map", "quantize_q8_0",
            "save_gguf"]
 
-
-class GGUFExportError(UserError, ValueError):
-    """A model, tokenizer or argument GGUF / llama.cpp cannot take (the CLI prints it as one line)."""
-
-
-class GGUFDependencyError(UserError, ImportError):
-    """The `gguf` package is not installed."""
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 QK8_0 = 32  # values per q8_0 block (ggml-common.h)
@@ -228,7 +221,8 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
     dtype: 'f32', 'f16', 'bf16' or 'q8_0' for the weight matrices (see the module docstring).
     tokenizer: None or a `GPT2Tokenizer` (the model's vocabulary must be GPT-2 BPE, 50257 ids, or
     nanoGPT's 50304 with padding). name: `general.name` (default: the file's stem).
-    The write is atomic: a temporary file beside `path`, fsync'ed, then renamed over it.
+    The write is atomic (gptfast.io.atomic): a temporary file beside `path`, fsync'ed, renamed over
+    it, the directory fsync'ed.
     """
     gguf = _require_gguf()
     import numpy as np
@@ -247,10 +241,8 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "gpt2")
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), "gpt2")
         w.add_name(name or path.stem)
         w.add_context_length(c.block_size)
         w.add_embedding_length(c.n_embd)
@@ -288,13 +280,8 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_file_atomic(path, write)
     return path
 
 

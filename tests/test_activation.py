@@ -18,8 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import gptfast
 import gptfast.hf_patch
 from gptfast import GPT, GPTConfig, engine, ops
-from gptfast.checkpoint import CheckpointError
-from gptfast.interop import from_pretrained, save_pretrained
+from gptfast.errors import CheckpointError
+from gptfast.io import from_pretrained, save_pretrained
 from gptfast.ops import native, reference
 from tests.helpers import assert_error_within, available_backends
 
@@ -185,7 +185,7 @@ def test_config_round_trip_and_old_checkpoints(tmp_path):
     del old["activation"]  # a config written before the field existed
     assert GPTConfig.from_dict(old).activation == "gelu_tanh"
     # gptfast checkpoints carry it
-    from gptfast.checkpoint import load_checkpoint, save_checkpoint
+    from gptfast.io.checkpoint import load_checkpoint, save_checkpoint
     from gptfast.tokenizers import CharTokenizer
 
     model = GPT(cfg).eval()

@@ -48,7 +48,7 @@ def test_shapes_rows_sum_to_one_random_model():
 
 
 def test_char_model_rows_sum_to_one():
-    from gptfast.checkpoint import default_model
+    from gptfast.io.checkpoint import default_model
 
     model, tok = default_model()
     model.backend = "torch"
@@ -143,7 +143,7 @@ def test_cli_errors(tmp_path, capsys, argv, message):
 def test_gpt2_bpe_tokenizer_path(tmp_path):
     """A tiny random model over GPT-2's 50,257-token vocabulary, saved and loaded as a checkpoint:
     the labels are the decoded BPE pieces (which concatenate back to the text)."""
-    from gptfast.checkpoint import save_checkpoint
+    from gptfast.io.checkpoint import save_checkpoint
     from gptfast.tokenizers import GPT2Tokenizer
 
     tok = GPT2Tokenizer()

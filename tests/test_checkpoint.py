@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptfast import checkpoint as ckpt
+from gptfast.io import checkpoint as ckpt
 from gptfast.config import GPTConfig
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer
@@ -131,7 +131,7 @@ def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from gptfast import checkpoint as ckpt
+        from gptfast.io import checkpoint as ckpt
         from gptfast.config import GPTConfig
         from gptfast.model import GPT
         m = GPT(GPTConfig.from_preset("tiny"))
@@ -340,7 +340,7 @@ def test_same_step_saved_twice_gets_a_fresh_name(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[1])
-    from gptfast import checkpoint as ckpt
+    from gptfast.io import checkpoint as ckpt
     from gptfast.config import GPTConfig
     from gptfast.model import GPT
     m = GPT(GPTConfig.from_preset("tiny"))
@@ -452,7 +452,7 @@ def test_implausible_config_refused_before_allocating(tmp_path, field, value, ne
 def test_hf_dir_with_implausible_config_refused_fast(tmp_path, n_layer, needle):
     """Issue #19's case: a Hugging Face config.json with n_layer 100000 beside a tiny
     model.safetensors took 260-490 s to refuse. Now under a second, naming the field."""
-    from gptfast.interop import load_any, save_pretrained
+    from gptfast.io import load, save_pretrained
 
     d = save_pretrained(_model(), tmp_path / "hf")
     cfg = json.loads((d / "config.json").read_text())
@@ -460,14 +460,14 @@ def test_hf_dir_with_implausible_config_refused_fast(tmp_path, n_layer, needle):
     (d / "config.json").write_text(json.dumps(cfg))
     t0 = time.perf_counter()
     with pytest.raises(ckpt.CheckpointError, match=needle):
-        load_any(d)
+        load(d)
     assert time.perf_counter() - t0 < 1.0
 
 
 def test_save_pretrained_keeps_the_directorys_other_files(tmp_path):
     """`interop.save_pretrained` swapped the whole directory too, deleting e.g. a tokenizer or a
     README beside config.json. Now only its two files are replaced; mode and inode unchanged."""
-    from gptfast.interop import from_pretrained, save_pretrained
+    from gptfast.io import from_pretrained, save_pretrained
 
     d = tmp_path / "hf"
     (d / "sub").mkdir(parents=True)

@@ -121,7 +121,7 @@ def test_gptfast_json_without_n_layer(tmp_path):
     """Was silently n_layer=12 (the dataclass default) plus kilobytes of missing keys."""
     import json
 
-    from gptfast import checkpoint as ckpt
+    from gptfast.io import checkpoint as ckpt
     from gptfast.config import GPTConfig
     from gptfast.model import GPT
 
@@ -164,11 +164,12 @@ def test_internal_error_keeps_traceback_and_says_how_to_report(monkeypatch, caps
     traceback stays and the message says it is gptfast's bug (before, any KeyError / ValueError
     became `gptfast: error: ...`, exit 2)."""
     import gptfast.cli as cli
+    import gptfast.cli.info
 
     def buggy(args):
         return {}["oops"]
 
-    monkeypatch.setattr(cli, "cmd_info", buggy)
+    monkeypatch.setattr(gptfast.cli.info, "run", buggy)
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'oops'" in err and "bug in gptfast" in err

@@ -203,7 +203,7 @@ def test_write_is_atomic(tiny, tmp_path, monkeypatch):
 
 
 def test_cli_export_gguf(tiny, tmp_path, capsys):
-    from gptfast.interop import save_pretrained
+    from gptfast.io import save_pretrained
 
     ckpt = save_pretrained(tiny, tmp_path / "hf")
     out = tmp_path / "cli.gguf"

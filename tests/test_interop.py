@@ -1,5 +1,5 @@
 """Interop: Hugging Face GPT-2 directories, hub names (offline), nanoGPT ckpt.pt, gptfast
-checkpoints, `save_pretrained` back to transformers, `load_any`, the CLI, pickle safety and the
+checkpoints, `save_pretrained` back to transformers, `load`, the CLI, pickle safety and the
 sliding-window perplexity against Hugging Face's guide.
 
 The truth is always an independent computation: a randomly initialised `transformers`
@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from gptfast import GPT, GPTConfig  # noqa: E402
-from gptfast.checkpoint import CheckpointError  # noqa: E402
-from gptfast.interop import from_pretrained, load_any, save_pretrained  # noqa: E402
+from gptfast.errors import CheckpointError  # noqa: E402
+from gptfast.io import from_pretrained, load, save_pretrained  # noqa: E402
 from gptfast.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 # fp32 end to end; the two implementations differ only in summation order (~1e-7 here).
@@ -298,7 +298,7 @@ def test_nanogpt_padded_vocab_trimmed_by_default(hf_padded, tmp_path):
     assert full.config.vocab_size == 50304
     assert_close(our_logits(full, ids), want)
 
-    m2, tok = load_any(p)
+    m2, tok = load(p)
     assert isinstance(tok, GPT2Tokenizer) and m2.config.vocab_size == 50257
 
 
@@ -325,21 +325,17 @@ def test_nanogpt_char_checkpoint_needs_a_tokenizer(tmp_path):
     p = tmp_path / "ckpt.pt"
     write_nanogpt_ckpt(p, hf)
     with pytest.raises(CheckpointError, match=r"meta\.pkl.*pass one"):
-        load_any(p)
+        load(p)
     chars = "".join(chr(ord("A") + i) for i in range(65))
-    model, tok = load_any(p, tokenizer=CharTokenizer(chars))
+    model, tok = load(p, tokenizer=CharTokenizer(chars))
     assert tok.vocab_size == 65 and model.config.vocab_size == 65
-    from gptfast.checkpoint import load_any as checkpoint_load_any
-
-    with pytest.raises(CheckpointError, match="meta.pkl"):  # the delegated entry point too
-        checkpoint_load_any(p)
 
 
-# ----------------------------------------------------------------------------- gptfast + load_any
+# ----------------------------------------------------------------------------- gptfast + load
 
 
 def test_gptfast_checkpoint_through_interop(tmp_path):
-    from gptfast.checkpoint import default_tokenizer, load_any as checkpoint_load_any, save_checkpoint
+    from gptfast.io.checkpoint import default_tokenizer, save_checkpoint
 
     torch.manual_seed(14)
     src = GPT(GPTConfig.from_preset("tiny"), backend="reference").eval()
@@ -348,22 +344,17 @@ def test_gptfast_checkpoint_through_interop(tmp_path):
     model = from_pretrained(tmp_path / "ck", backend="reference")
     assert model.backend == "reference"
     assert_close(our_logits(model, ids), our_logits(src, ids), atol=0.0)
-    for loader in (load_any, checkpoint_load_any):
-        m, tok = loader(tmp_path / "ck")
-        m.backend = "reference"
-        assert tok == default_tokenizer()
-        assert_close(our_logits(m, ids), our_logits(src, ids), atol=0.0)
+    m, tok = load(tmp_path / "ck")
+    m.backend = "reference"
+    assert tok == default_tokenizer()
+    assert_close(our_logits(m, ids), our_logits(src, ids), atol=0.0)
 
 
-def test_load_any_hf_dir_gives_gpt2_tokenizer(tmp_path):
+def test_load_hf_dir_gives_gpt2_tokenizer(tmp_path):
     hf = make_hf(vocab_size=50257, n_positions=32, seed=15)
     hf.save_pretrained(tmp_path)
-    model, tok = load_any(tmp_path)
-    assert isinstance(tok, GPT2Tokenizer)
-    from gptfast.checkpoint import load_any as checkpoint_load_any
-
-    m2, tok2 = checkpoint_load_any(tmp_path)
-    assert isinstance(tok2, GPT2Tokenizer) and m2.config.vocab_size == 50257
+    model, tok = load(tmp_path)
+    assert isinstance(tok, GPT2Tokenizer) and model.config.vocab_size == 50257
 
 
 def test_not_found_and_unknown_format(tmp_path):
@@ -469,7 +460,7 @@ def test_malicious_pickles_are_refused(tmp_path, hf_model):
     cases["hfdir"] = hfd
 
     for name, path in cases.items():
-        for loader in (from_pretrained, load_any):
+        for loader in (from_pretrained, load):
             with pytest.raises(CheckpointError, match="refusing to load .*never unpickles arbitrary objects"):
                 loader(path)
             assert not marker.exists(), f"{name}: the pickle payload ran"
@@ -568,7 +559,7 @@ def test_gptfast_imports_without_transformers(tmp_path):
     import sys
 
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "import gptfast, gptfast.interop, gptfast.hf_patch\n"
+            "import gptfast, gptfast.io, gptfast.hf_patch\n"
             "try:\n    gptfast.patch(object())\nexcept ImportError as e:\n    print('ok', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast import checkpoint as ckpt
+from gptfast.io import checkpoint as ckpt
 from gptfast.cli import main as cli_main
 from gptfast.config import GPTConfig
 from gptfast.model import GPT

@@ -34,7 +34,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import secrets
 import subprocess
 from pathlib import Path
@@ -43,13 +42,20 @@ from typing import Any
 import torch
 
 from gptfast.config import GPTConfig
-from gptfast.errors import MissingFileError, UserError
+from gptfast.errors import CheckpointError, MissingFileError
+from gptfast.io._weights import check_config_dict, check_weights_fit_config
+from gptfast.io.atomic import TMP_PREFIX as _TMP_PREFIX
+from gptfast.io.atomic import current_umask as _umask
+from gptfast.io.atomic import fsync_dir as _fsync_dir
+from gptfast.io.atomic import fsync_file as _fsync_file
+from gptfast.io.atomic import rename_atomic
+from gptfast.io.atomic import unlink_quiet as _unlink_quiet
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 # The 65 distinct characters of Tiny Shakespeare, sorted: the vocabulary of the char presets.
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "shakespeare_char"
 META_NAME = "gptfast.json"
 # The previous format's fixed file names (still read; see `checkpoint_files`).
@@ -62,12 +68,7 @@ FORMAT_VERSION = 2
 _ROLES = {"weights": ("model", ".safetensors"), "train_state": ("train_state", ".pt"),
           "history": ("history", ".json")}
 _LEGACY_NAMES = {"weights": WEIGHTS_NAME, "train_state": TRAIN_STATE_NAME, "history": HISTORY_NAME}
-_TMP_PREFIX = ".gptfast-tmp-"
 _PENDING_NAME = ".gptfast-pending.json"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that is missing, truncated, corrupted or does not fit the request."""
 
 
 def default_tokenizer() -> CharTokenizer:
@@ -95,19 +96,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _backup_paths(d: Path) -> list[str]:
     """Backups left by the previous format's directory swap (`.NAME.old-*` beside `d`)."""
     return sorted(glob.glob(str(d.parent / f".{d.name}.old-*")))
@@ -121,7 +109,7 @@ def _recover(d: Path) -> None:
         return
     backups = _backup_paths(d)
     if backups:
-        os.replace(backups[-1], d)
+        rename_atomic(backups[-1], d)
 
 
 def _state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
@@ -156,45 +144,6 @@ def checkpoint_path(directory: str | os.PathLike, role: str = "weights") -> Path
     if name is None:
         raise MissingFileError(f"checkpoint {d} has no {role} file")
     return d / name
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _unlink_quiet(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def write_file_atomic(path: str | os.PathLike, write: Any) -> Path:
-    """Replace one file crash-safely without touching anything else in its directory: `write(tmp)`
-    fills a temporary file of ours beside it, which is fsynced and renamed over `path`; the
-    directory is fsynced. The file keeps the mode of the one it replaces (new: 0666 - umask)."""
-    path = Path(path).absolute()
-    tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{path.name}"
-    try:
-        write(tmp)
-        try:
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        except FileNotFoundError:
-            os.chmod(tmp, 0o666 & ~_umask())
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -459,98 +408,11 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
     return history
 
 
-# ----------------------------------------------------------------------------- checks before allocating
-
-# Upper bounds far above any GPT-2 (gpt2-xl: 48 layers, 1600 wide, 50257 tokens, 1024 positions)
-# that still stop a typo from allocating terabytes.
-CONFIG_LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "vocab_size": 4_000_000,
-                 "block_size": 1_048_576, "n_inner": 262_144}
-REQUIRED_CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
-
-
-def check_config_dict(config: Any, source: str) -> dict[str, Any]:
-    """Validate a checkpoint's config before anything is allocated: the required keys are
-    present (no silent defaults), sizes are positive integers within `CONFIG_LIMITS`.
-    Raises `CheckpointError` naming `source` and the field."""
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{source}: 'config' must be a JSON object, got {type(config).__name__}")
-    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
-    if missing:
-        raise CheckpointError(f"{source}: config lacks required field(s) {', '.join(missing)}")
-    for key, limit in CONFIG_LIMITS.items():
-        v = config.get(key)
-        if v is None and key == "n_inner":
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise CheckpointError(f"{source}: config field {key} must be a positive integer, got {v!r}")
-        if v > limit:
-            raise CheckpointError(f"{source}: config field {key} is {v:,}, above the sane limit {limit:,}")
-    return config
-
-
-def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from a safetensors file's header, without reading any tensor."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(100 * 2**20, p.stat().st_size - 8):
-                raise CheckpointError(f"corrupted checkpoint: {p} is not a safetensors file "
-                                      "(bad header length)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupted checkpoint: cannot read the header of {p} ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"corrupted checkpoint: {p} has no safetensors header")
-    out = {}
-    for k, v in header.items():
-        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("shape"), list):
-            out[k] = tuple(int(x) for x in v["shape"])
-    return out
-
-
-def check_weights_fit_config(weights: str | os.PathLike | dict[str, tuple[int, ...]], config: Any,
-                             source: str) -> None:
-    """Refuse, before building a model, a config whose sizes disagree with the tensors in the
-    weights file: n_layer vs the transformer blocks present, vocab_size / n_embd vs the token
-    embedding, block_size vs the position embedding. Works for gptfast and Hugging Face names
-    (`transformer.h.0.` / `h.0.`, `wte.weight`, `wpe.weight`). Raises `CheckpointError` naming
-    the field, the value and what the file holds."""
-    shapes = weights if isinstance(weights, dict) else safetensors_shapes(weights)
-    where = "the state dict" if isinstance(weights, dict) else str(weights)
-    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
-    layers = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
-    n_layer = get("n_layer")
-    if layers and n_layer is not None and n_layer != max(layers) + 1:
-        raise CheckpointError(f"{source}: n_layer is {n_layer:,} but {where} has "
-                              f"{max(layers) + 1} transformer block(s)")
-    emb = {name: shape for k, shape in shapes.items() for name in ("wte", "wpe")
-           if (k == f"{name}.weight" or k.endswith(f".{name}.weight")) and len(shape) == 2}
-    checks = []
-    if "wte" in emb:
-        checks += [("vocab_size", emb["wte"][0], "rows of wte.weight"),
-                   ("n_embd", emb["wte"][1], "columns of wte.weight")]
-    if "wpe" in emb:
-        checks += [("block_size", emb["wpe"][0], "rows of wpe.weight")]
-    for field_name, got, what in checks:
-        want = get(field_name)
-        if want is not None and want != got:
-            raise CheckpointError(f"{source}: {field_name} is {want:,} but {where} has {got:,} {what}")
-
-
-def load_any(path: str | os.PathLike) -> tuple[GPT, Tokenizer]:
-    """(model, tokenizer) from any checkpoint format gptfast reads: a gptfast checkpoint, a
-    Hugging Face GPT-2 directory or hub name, a nanoGPT ckpt.pt (see `gptfast.interop.load_any`)."""
-    from gptfast.interop import load_any as _load_any
-
-    return _load_any(path)
-
-
 def default_model() -> tuple[GPT, Tokenizer]:
     """The embedded Shakespeare model; until one is shipped, a random `tiny` model (with a note)."""
     if (DEFAULT_MODEL_DIR / META_NAME).exists():
-        return load_any(DEFAULT_MODEL_DIR)
+        model, tokenizer, _ = load_checkpoint(DEFAULT_MODEL_DIR)
+        return model, tokenizer
     import sys
 
     print("gptfast: no embedded model shipped yet; using a randomly initialised 'tiny' model",
