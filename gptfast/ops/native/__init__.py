@@ -225,14 +225,18 @@ class DecodeStepWeights:
     MATRICES = ("w_qkv", "w_o", "w_fc", "w_proj")
 
     def __post_init__(self) -> None:
-        n = len(self.w_qkv) if isinstance(self.w_qkv, (list, tuple)) else None
         for name in self.LISTS:
             v = getattr(self, name)
             if not isinstance(v, (list, tuple)):
                 raise TypeError(f"DecodeStepWeights: {name} must be a list (one entry per layer), got {type(v).__name__}")
-            if len(v) != n:
-                raise ValueError(f"DecodeStepWeights: {name} must hold one entry per layer like w_qkv ({n}), got {len(v)}")
             setattr(self, name, list(v))
+        lengths = {name: len(getattr(self, name)) for name in self.LISTS}
+        if len(set(lengths.values())) > 1:  # name the odd ones out (against the most common length)
+            counts = list(lengths.values())
+            n = max(counts, key=counts.count)
+            odd = [name for name, k in lengths.items() if k != n]
+            raise ValueError(f"DecodeStepWeights: {', '.join(odd)} must hold one entry per layer like the other "
+                             f"lists ({n}), got {', '.join(str(lengths[name]) for name in odd)}")
         for name in self.MATRICES:
             for i, t in enumerate(getattr(self, name)):
                 if not isinstance(t, torch.Tensor):
