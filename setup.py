@@ -79,7 +79,10 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["gptfast", "gptfast.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in the top-level kernels/ folder of the repository but install as
+    # gptfast.kernels: nothing named `kernels` lands in site-packages (a PyPI package has that name).
+    packages=[*find_packages(include=["gptfast", "gptfast.*"]), "gptfast.kernels"],
+    package_dir={"gptfast.kernels": "kernels"},
     package_data={"gptfast": ["assets/*", "assets/*/*"]},  # assets/shakespeare_char/* too
     include_package_data=True,
     install_requires=[

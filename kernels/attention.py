@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import bucket, check_cuda_or_interpret, configs, dot_precision
+from gptfast.kernels._common import bucket, check_cuda_or_interpret, configs, dot_precision
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import bucket, check_cuda_or_interpret, configs, dot_precision
+from gptfast.kernels._common import bucket, check_cuda_or_interpret, configs, dot_precision
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 EPILOGUE_NONE, EPILOGUE_BIAS, EPILOGUE_GELU, EPILOGUE_DGELU = 0, 1, 2, 3

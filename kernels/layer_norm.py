@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import INTERPRET, check_cuda_or_interpret
+from gptfast.kernels._common import INTERPRET, check_cuda_or_interpret
 
 MAX_N = 16384  # one row must fit in registers: 16K fp32 over 16 warps = 32 values per thread
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

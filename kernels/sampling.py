@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import INTERPRET, check_cuda_or_interpret
+from gptfast.kernels._common import INTERPRET, check_cuda_or_interpret
 
 MAX_SEARCH_STEPS = tl.constexpr(128)  # passes cap: each shrinks the value bracket 8x AND drops >= 1 candidate
 

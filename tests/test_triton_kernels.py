@@ -38,7 +38,7 @@ def test_interpreter_is_active_without_cuda():
         pytest.skip("CUDA present: kernels are compiled, not interpreted")
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels import layer_norm as ln
+    from gptfast.kernels import layer_norm as ln
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert isinstance(ln._layer_norm_fwd_kernel, InterpretedFunction), type(ln._layer_norm_fwd_kernel)
@@ -74,7 +74,7 @@ def test_unsupported_calls_give_reasons():
     with pytest.raises(ops.BackendUnavailableError, match="dropout"):
         ops.causal_attention(q, q, q, dropout_p=0.1, backend="triton")
     # The kernel entry points check their inputs themselves too (they are importable on their own).
-    from kernels.attention import causal_attention as triton_attention
+    from gptfast.kernels.attention import causal_attention as triton_attention
 
     q48 = torch.randn(1, 1, 4, 48, device=DEVICE)
     with pytest.raises(ValueError, match="head dim D must be one of"):
@@ -397,7 +397,7 @@ _OPCHECK_UTILS = None if CUDA else ("test_schema", "test_autograd_registration",
 
 
 def _opcheck_cases():
-    import kernels.attention, kernels.decode_attention, kernels.gelu_mlp, kernels.layer_norm, kernels.sampling  # noqa: F401,E401  (registers the ops)
+    import gptfast.kernels.attention, gptfast.kernels.decode_attention, gptfast.kernels.gelu_mlp, gptfast.kernels.layer_norm, gptfast.kernels.sampling  # noqa: F401,E401  (registers the ops)
 
     x = torch.randn(3, 40, device=DEVICE)
     w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)

@@ -57,7 +57,7 @@ def unsupported(op: str, **call) -> str | None:
 
 
 def _kernels(name: str):
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"gptfast.kernels.{name}")
 
 
 def causal_attention(q, k, v, scale=None, dropout_p=0.0):
@@ -85,5 +85,12 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
     return _kernels("decode_attention").decode_attention(q, k_cache, v_cache, cache_lens, scale)
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    return _kernels("sampling").sample(logits, temperature, top_k, top_p, generator)
+def sample(logits, temperature=1.0, top_k=None, top_p=None, uniform=None, *, generator=None):
+    from gptfast.ops import reference
+
+    uniform = reference.as_uniform(logits, temperature, uniform, generator)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)  # greedy: a single reduction needs no custom kernel
+    return _kernels("sampling").sample_from_uniform(
+        logits, uniform, float(temperature), 0 if top_k is None else int(top_k), 1.0 if top_p is None else float(top_p)
+    )
