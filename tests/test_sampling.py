@@ -103,3 +103,29 @@ def test_errors():
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(RuntimeError, match="sample: uniform must be on logits' device"):
         f.default.redispatch(cpu, logits, 1.0, 0, 1.0, torch.rand(2, device="meta"))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", CONFIGS)
+def test_backends_pick_the_same_tokens_given_the_same_uniform(temperature, top_k, top_p):
+    """The draw lives in the dispatch layer (ops.draw_uniform); every backend function maps the
+    same explicit uniforms (ops.resolved's signature) to the reference's tokens."""
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(16, 1000, generator=g) * 3
+    logits[1, ::3] = float("-inf")
+    u = torch.rand(16, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2**-24  # the ends of [0, 1)
+    uniform = None if temperature == 0.0 else u
+    want = reference.sample(logits, temperature, top_k, top_p, uniform)
+    for backend in ("native", "torch"):
+        fn = ops.resolved("sample", "cpu", backend=backend, dtype=torch.float32)
+        got = fn(logits, temperature, top_k, top_p, uniform)
+        bad = (got != want).nonzero().flatten()
+        assert len(bad) == 0, f"{backend} rows {bad[:5].tolist()}: {got[bad[:5]].tolist()} vs {want[bad[:5]].tolist()}"
+
+
+def test_draw_uniform_is_the_one_rule():
+    logits = torch.randn(5, 7)
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    assert ops.draw_uniform(logits, 0.0, g1) is None  # greedy: no draw, generator untouched
+    assert torch.equal(ops.draw_uniform(logits, 0.7, g1), torch.rand(5, generator=g2, dtype=torch.float32))
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))

@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from gptfast.errors import UserError
+from gptfast.ops.reference import draw_uniform
 
 BACKENDS = ("reference", "torch", "native", "triton")
 OPS = ("causal_attention", "layer_norm", "gelu_mlp", "linear", "decode_attention", "sample")
@@ -429,7 +430,9 @@ def sample(
 
     temperature: >= 0; 0 means greedy (argmax). top_k: keep the k most likely tokens (>= 1, or
     None). top_p: nucleus threshold in (0, 1] (or None). generator: a `torch.Generator` on the
-    logits' device for reproducible draws. See `reference.sample` for the exact rule.
+    logits' device for reproducible draws: the uniforms are drawn here, once, by `draw_uniform`
+    (none at temperature 0), so every backend consumes the generator identically and the
+    reference, native, torch and triton backends pick the same tokens. See `reference.sample`.
 
     Non-finite logits (every backend): a row holding a NaN or +inf, or with no finite value (all
     -inf), raises `gptfast.errors.NonFiniteError` (a ValueError) naming the rows; -inf alone bans
@@ -454,7 +457,8 @@ def sample(
     if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
         check_logits(logits, op)
     fn = resolved(op, logits.device.type, backend, dtype=logits.dtype)
-    return fn(logits, float(temperature), top_k, None if top_p is None else float(top_p), generator)
+    uniform = draw_uniform(logits, temperature, generator)  # the one draw, the same for every backend
+    return fn(logits, float(temperature), top_k, None if top_p is None else float(top_p), uniform)
 
 
 def nonfinite_logit_rows(logits: torch.Tensor) -> dict[int, str]:
@@ -501,6 +505,7 @@ __all__ = [
     "causal_attention",
     "check_logits",
     "decode_attention",
+    "draw_uniform",
     "explain",
     "gelu_mlp",
     "layer_norm",

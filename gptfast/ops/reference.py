@@ -209,26 +209,61 @@ def sampling_filter(
     return probs
 
 
+def draw_uniform(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """The one random-draw rule of `sample`: one uniform per row of `logits` (B, V),
+    `torch.rand(B, generator=generator)` in fp32 on the logits' device, or None (no draw, the
+    generator untouched) for temperature 0. `gptfast.ops.sample` draws with it once per call and
+    hands the draws to whichever backend samples (`gptfast.ops.draw_uniform` is this function)."""
+    if temperature == 0.0:
+        return None
+    return torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
+
+
+def as_uniform(
+    logits: torch.Tensor,
+    temperature: float,
+    uniform: torch.Tensor | torch.Generator | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """A backend `sample`'s `uniform` argument as draws: given (from the dispatch layer), else drawn
+    by `draw_uniform` from `generator` (a direct call may pass a generator, also where `uniform`
+    goes, as the backends' signature had it before the draw moved into the dispatch layer)."""
+    if isinstance(uniform, torch.Generator):
+        uniform, generator = None, uniform
+    if uniform is None:
+        uniform = draw_uniform(logits, temperature, generator)
+    return uniform
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    uniform: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one token per row of `logits` (B, V); returns (B,) int64.
 
-    temperature == 0 means greedy (argmax). Otherwise the reference, native and triton backends
-    draw with the same rule, so they agree token-for-token on the same generator state: one
-    uniform u per row from `torch.rand(B, generator=generator)`, then the first token (in
-    vocabulary order) whose cumulative kept probability exceeds u (inverse-CDF sampling). The
-    `torch` backend is the PyTorch baseline (`torch.multinomial` over the same filtered
-    distribution): same distribution, different draws.
+    temperature == 0 means greedy (argmax). Otherwise every backend draws with the same rule, so
+    they agree token-for-token given the same draws: one uniform u per row (`uniform`, (B,) fp32 in
+    [0, 1), made by `draw_uniform`: `torch.rand(B, generator=generator)`; drawn here when not
+    given), then the first token (in vocabulary order) whose cumulative kept probability exceeds
+    u (inverse-CDF sampling).
     """
+    uniform = as_uniform(logits, temperature, uniform, generator)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = sampling_filter(logits, temperature, top_k, top_p)
-    u = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float32)
+    return _inverse_cdf(probs, uniform)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability (of the kept, unnormalised `probs`) exceeds
+    u * total, per row: (B, V), (B,) -> (B,) int64."""
     cdf = probs.cumsum(dim=-1)  # (B, V)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     # Rounding can push u * total onto the very end of the CDF: fall back to the last kept token.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gptfast.ops import reference
+
 
 def availability(device_type: str) -> str | None:
     return None
@@ -66,7 +68,11 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale)
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample(logits, temperature=1.0, top_k=None, top_p=None, uniform=None, *, generator=None):
+    # The draws come from the dispatch layer (one rule for every backend: reference.draw_uniform),
+    # so this inverse-CDF draw (torch.searchsorted) picks the reference's tokens; torch.multinomial
+    # would consume the generator its own way.
+    uniform = reference.as_uniform(logits, temperature, uniform, generator)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     x = logits.float() / temperature
@@ -79,4 +85,4 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         sorted_probs = probs.sort(dim=-1, descending=True).values
         cut = (sorted_probs.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True).clamp(max=V - 1)
         probs = probs.masked_fill(probs < sorted_probs.gather(-1, cut), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return reference._inverse_cdf(probs, uniform)

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from gptfast.ops import reference as _reference
 from gptfast.ops.native import _loader
 from gptfast.ops.native._loader import (  # noqa: F401  (public names of the backend)
     KEEP_BUILDS,
@@ -162,21 +163,19 @@ def sample(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    uniform: torch.Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B,) int64, token-for-token as `reference.sample`.
-
-    The uniform draw is made here with torch.rand exactly as the reference makes it (and not at
-    all for temperature 0), so both consume the generator identically and pick the same tokens.
-    """
+    """One token per row of logits (B, V) -> (B,) int64, token-for-token as `reference.sample`
+    given the same draws: `uniform` ((B,) fp32 in [0, 1), None for temperature 0) comes from the
+    dispatch layer (`gptfast.ops.draw_uniform`); a direct call may pass a generator instead."""
     ensure_loaded()
+    uniform = _reference.as_uniform(logits, temperature, uniform, generator)
     if logits.dtype not in _CPU_DTYPES:
         logits = logits.float()  # exact for fp16/bf16; the reference works in fp32 as well
-    B = logits.shape[0]
-    if temperature == 0.0:
-        uniform = torch.zeros(B, device=logits.device, dtype=torch.float32)  # unused: argmax
-    else:
-        uniform = torch.rand(B, generator=generator, device=logits.device, dtype=torch.float32)
+    if uniform is None:  # temperature 0: argmax, the kernel does not read it
+        uniform = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
     return torch.ops.gptfast.sample(
         logits,
         float(temperature),
