@@ -208,23 +208,26 @@ def _(logits, u, temperature, top_k, top_p):
 
 def sample(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    uniform: torch.Tensor | None,
 ) -> torch.Tensor:
     """One token per row of logits (B, V) (any float dtype); returns (B,) int64.
 
     temperature 0 = greedy (argmax, done by torch: a single reduction needs no custom kernel).
-    Otherwise draws u = torch.rand(B, generator=generator) exactly as the reference does, so the
-    generator advances identically and tokens match the reference for the same seed.
+    Otherwise `uniform` holds the (B,) fp32 draws in [0, 1) that the dispatch layer made
+    (`gptfast.ops.draw_uniform`: torch.rand(B, generator=...), the same for every backend), so the
+    tokens match the reference's for the same seed.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    u = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
+    if uniform is None or tuple(uniform.shape) != (logits.shape[0],):
+        got = None if uniform is None else tuple(uniform.shape)
+        raise ValueError(f"sample: uniform must be a ({logits.shape[0]},) tensor of draws for temperature > 0, got {got}")
     return torch.ops.gptfast_triton.sample_from_uniform(
-        logits, u, float(temperature), 0 if top_k is None else int(top_k),
+        logits, uniform, float(temperature), 0 if top_k is None else int(top_k),
         1.0 if top_p is None else float(top_p),
     )

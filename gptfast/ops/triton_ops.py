@@ -89,8 +89,4 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, uniform=None, *, gen
     from gptfast.ops import reference
 
     uniform = reference.as_uniform(logits, temperature, uniform, generator)
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)  # greedy: a single reduction needs no custom kernel
-    return _kernels("sampling").sample_from_uniform(
-        logits, uniform, float(temperature), 0 if top_k is None else int(top_k), 1.0 if top_p is None else float(top_p)
-    )
+    return _kernels("sampling").sample(logits, temperature, top_k, top_p, uniform)
