@@ -18,11 +18,15 @@ from gptfast.cli import main
 
 
 def test_attention_flops_by_hand():
-    # (1, 12, 1024, 64): 4 * 12 * 1024^2 * 64 / 2 = 1,610,612,736 FLOPs forward.
-    assert C.attention_flops(1, 12, 1024, 64) == 1_610_612_736
-    assert C.attention_flops(1, 12, 1024, 64, "fwd+bwd") == 5_637_144_576  # x 3.5
-    # (8, 12, 256, 64): 4 * 8 * 12 * 65,536 * 64 / 2 = 805,306,368
-    assert C.attention_flops(8, 12, 256, 64) == 805_306_368
+    # The exact causal count: T(T+1)/2 query-key pairs, each a D-long dot in q k^T and in p v (2 FLOPs
+    # per multiply-add): 4 * B * H * D * T(T+1)/2.
+    # (1, 12, 1024, 64): 4 * 12 * 64 * 524,800 = 1,612,185,600 FLOPs forward.
+    assert C.attention_flops(1, 12, 1024, 64) == 1_612_185_600
+    assert C.attention_flops(1, 12, 1024, 64, "fwd+bwd") == 5_642_649_600  # x 3.5
+    # (8, 12, 256, 64): 4 * 8 * 12 * 64 * 32,896 = 808,452,096
+    assert C.attention_flops(8, 12, 256, 64) == 808_452_096
+    # T = 1: one pair (the token with itself), 2 dots of D: 4 * D; T = 2: 3 pairs
+    assert C.attention_flops(1, 1, 1, 64) == 256 and C.attention_flops(1, 1, 2, 64) == 768
 
 
 def test_layer_norm_bytes_by_hand():
@@ -88,9 +92,9 @@ def test_row_arithmetic_on_known_case(monkeypatch):
         assert r["gflops_per_s"] is None
     attn = C.Case("causal_attention", "attention", "fwd", dict(B=1, H=2, T=16, D=8))
     rows = runner.run_case(attn, ["torch"], "cpu", "fp32", 3, peaks)
-    # 4 * 2 * 256 * 8 / 2 = 8,192 FLOPs in 0.5 ms = 0.016384 GFLOP/s
-    assert rows[0]["gflops_per_s"] == pytest.approx(0.016384)
-    assert rows[0]["pct_peak"] == pytest.approx(0.016384)
+    # 4 * 2 * 8 * (16 * 17 / 2) = 8,704 FLOPs in 0.5 ms = 0.017408 GFLOP/s
+    assert rows[0]["gflops_per_s"] == pytest.approx(0.017408)
+    assert rows[0]["pct_peak"] == pytest.approx(0.017408)
 
 
 # ----------------------------------------------------------------------------- wrong kernels
@@ -207,7 +211,7 @@ def test_bench_ops_quick_end_to_end(tmp_path, capsys):
             "--backends", "reference,torch,triton", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "median ms (p20/p80)" in text and "4*B*H*T^2*D/2" in text and "machine peaks" in text
+    assert "median ms (p20/p80)" in text and "4*B*H*D*T(T+1)/2" in text and "machine peaks" in text
     rows = _check_history_schema(out / "history.jsonl")
     ops_rows = [r for r in rows if r["suite"] == "ops"]
     assert {r["case"] for r in ops_rows} == {c.id for c in C.QUICK_OPS_CASES}
@@ -243,31 +247,42 @@ def test_bench_plot_from_saved_json(tmp_path):
 
 
 def test_generate_suite_import_error_is_not_swallowed(tmp_path, monkeypatch, capsys):
-    # A broken gptfast.bench_generate is a bug: it must surface as one (traceback + "internal
+    # A broken gptfast.bench.generate is a bug: it must surface as one (traceback + "internal
     # error", exit 1), not become a "not available" row.
     import sys
 
-    monkeypatch.setitem(sys.modules, "gptfast.bench_generate", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "gptfast.bench.generate", None)  # import raises ImportError
     assert main(["bench", "generate", "--out", str(tmp_path), "--no-plot"]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" in err and "gptfast.bench_generate" in err and "internal error" in err
+    assert "Traceback" in err and "gptfast.bench.generate" in err and "internal error" in err
     assert not list(tmp_path.glob("generate-*.json"))
 
 
-def test_generate_suite_uses_benchmark_generate(tmp_path, capsys, monkeypatch):
+def test_generate_suite_calls_benchmark_generate(tmp_path, capsys, monkeypatch):
+    """The CLI passes its arguments to benchmark_generate (imported directly, no reflection) and
+    prints its table (format_rows: decoding rows, then the prompt-pass rows)."""
+    from gptfast.bench import generate as bg
+
     seen = {}
 
-    def benchmark_generate(device, quick, backends):  # accepts only some of the offered kwargs
-        seen.update(device=device, quick=quick, backends=backends)
-        return [dict(op="generate", shape="gpt2 B1 128 tok", backend=b, median_ms=m, p20_ms=m, p80_ms=m,
-                     tokens_per_s=128 / (m * 1e-3)) for b, m in (("torch", 100.0), ("native", 50.0))]
+    def fake(**kw):
+        seen.update(kw)
+        dec = dict(op="generate", shape="gpt2 B=1", batch=1, status="ok", reason="")
+        return [dict(dec, backend="engine[torch]", tokens_per_s=2560.0, ms_per_token=0.39, median_ms=0.39,
+                     speedup_vs_hf=2.0),
+                dict(dec, backend="bound", tokens_per_s=3000.0, ms_per_token=0.33),
+                dict(op="ttft", shape="gpt2 B=1 prompt=16 -> first token", backend="engine[torch]", batch=1,
+                     status="ok", reason="", prompt_len=16, ttft_ms=12.5, ttft_vs_llama_cpp=1.25)]
 
-    monkeypatch.setattr(runner, "find_benchmark_generate", lambda: benchmark_generate)
-    assert main(["bench", "generate", "--quick", "--backends", "torch,native", "--out", str(tmp_path),
-                 "--no-plot"]) == 0
-    assert seen == dict(device="cpu", quick=True, backends=["torch", "native"])
+    monkeypatch.setattr(bg, "benchmark_generate", fake)
+    assert main(["bench", "generate", "--quick", "--backends", "torch,native", "--threads", "1",
+                 "--out", str(tmp_path), "--no-plot"]) == 0
+    assert seen == dict(device="cpu", dtype="fp32", backends=["torch", "native"], quick=True, threads=1,
+                        repeats=1, seed=0)
     out = capsys.readouterr().out
-    assert "2560 tok/s" in out and "2.00x" in out  # 128 tokens / 50 ms; 100 ms / 50 ms
+    assert "2560.0" in out and "2.00" in out and "TTFT ms" in out and "12.5" in out and "1.25" in out
+    rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [r["op"] for r in rows] == ["generate", "generate", "ttft"] and rows[2]["ttft_ms"] == 12.5
 
 
 def test_bench_train_short(tmp_path, capsys):

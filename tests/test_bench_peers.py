@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from gptfast.bench import timing
-from gptfast.bench_generate import CT2Peer, _hf_dir_for_peers, benchmark_generate, format_rows, peer_unavailable
+from gptfast import generate
+from gptfast.bench.generate import benchmark_generate, format_rows
+from gptfast.bench.peers import CT2Peer, hf_dir_for_peers, peer_unavailable
 from gptfast.config import GPTConfig
-from gptfast.engine import generate
 from gptfast.model import GPT
 
 
@@ -28,13 +29,24 @@ def _peaked(seed=1, **kw) -> GPT:
 # ----------------------------------------------------------------------------- read bandwidth
 
 
-def test_read_bandwidth_method_and_spread(monkeypatch):
+def test_read_bandwidth_methods_and_spread(monkeypatch):
+    """A real (small) measurement: every method runs, the result is the fastest method's best
+    sample, and the method, threads and spread are recorded."""
     r = timing.measure_read_bandwidth("cpu", nbytes=8 << 20, repeats=4)
-    assert len(r["samples"]) == 4 and r["buffer_mib"] == 8
-    assert r["min_gbps"] <= r["median_gbps"] <= r["max_gbps"] == r["gbps"] == max(r["samples"])
-    assert r["threads"] == torch.get_num_threads() and "sum()" in r["method"] and "best of 4" in r["method"]
+    assert set(r["methods"]) == set(timing.READ_METHODS) and r["buffer_mib"] == 8
+    for m, st in r["methods"].items():
+        assert len(st["samples"]) == 4 and all(x > 0 for x in st["samples"]), m
+        assert st["min_gbps"] <= st["median_gbps"] <= st["max_gbps"] == st["best_gbps"] == max(st["samples"])
+        assert 0 <= st["spread_pct"] < 100 and st["threads"] == (1 if m == "numpy" else torch.get_num_threads())
+    assert r["gbps"] == max(st["best_gbps"] for st in r["methods"].values())
+    assert r["gbps"] == r["methods"][r["best_method"]]["best_gbps"] and r["samples"] == r["methods"][r["best_method"]]["samples"]
+    assert r["threads"] == torch.get_num_threads()
+    assert f"fastest of 4 methods (sum, max_i32, gemv, numpy): {r['best_method']}" in r["method"]
+    assert "best of 4" in r["method"]
     with pytest.raises(ValueError, match="nbytes and repeats must be positive, got 0, 3"):
         timing.measure_read_bandwidth("cpu", nbytes=0, repeats=3)
+    with pytest.raises(ValueError, match=r"methods must be a non-empty subset of .*got \('memcpy',\)"):
+        timing.measure_read_bandwidth("cpu", nbytes=1 << 20, repeats=1, methods=("memcpy",))
     # default buffer: max(1 GiB, 8 x LLC)
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 32 << 20)
     assert timing.read_bw_buffer_bytes("cpu") == 1 << 30
@@ -44,12 +56,32 @@ def test_read_bandwidth_method_and_spread(monkeypatch):
     assert timing.read_bw_buffer_bytes("cpu") == 1 << 30
 
 
+def test_read_bandwidth_best_of_and_spread_arithmetic(monkeypatch):
+    """With a scripted clock: GB/s = bytes / seconds per sample, rounds interleaved with the
+    starting method rotating, the best method's best sample wins, spread = (max - min) / max."""
+    nbytes = 1 << 22  # 4 MiB; gemv reads rows * 4096 fp32 = all of it (1 << 20 elements = 256 rows)
+    # rounds: r0 sum, max_i32; r1 max_i32, sum; r2 sum, max_i32 (seconds per call)
+    durations = [nbytes / 10e9, nbytes / 20e9, nbytes / 16e9, nbytes / 5e9, nbytes / 8e9, nbytes / 25e9]
+    clock = iter(sum(([0.0, d] for d in durations), []))
+    monkeypatch.setattr(timing, "_clock", lambda: next(clock))
+    r = timing.measure_read_bandwidth("cpu", nbytes=nbytes, repeats=3, methods=("sum", "max_i32"))
+    approx = lambda xs: pytest.approx(xs, rel=1e-12)  # noqa: E731
+    assert r["methods"]["sum"]["samples"] == approx([10.0, 5.0, 8.0])
+    assert r["methods"]["max_i32"]["samples"] == approx([20.0, 16.0, 25.0])
+    assert r["best_method"] == "max_i32" and r["gbps"] == pytest.approx(25.0)
+    assert (r["min_gbps"], r["median_gbps"], r["max_gbps"]) == approx((16.0, 20.0, 25.0))
+    assert r["spread_pct"] == pytest.approx(100 * (25 - 16) / 25)
+    assert r["methods"]["sum"]["spread_pct"] == pytest.approx(50.0)
+    assert "max_i32 (torch int32 view .max())" in r["method"] and "best of 3" in r["method"]
+
+
 def test_bound_from_best_of_start_and_end(monkeypatch):
     readings = iter([dict(gbps=10.0, min_gbps=8.0, median_gbps=9.0, max_gbps=10.0, method="M"),
                      dict(gbps=20.0, min_gbps=15.0, median_gbps=18.0, max_gbps=20.0, method="M")])
     monkeypatch.setattr(timing, "measure_read_bandwidth", lambda *a, **k: next(readings))
     rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
-                              quick=True, threads=None, include_hf=False, include_reference=False, peers=())
+                              quick=True, threads=None, include_hf=False, include_reference=False, peers=(),
+                              ttft_prompts=())
     by = {r["backend"]: r for r in rows}
     # tiny: 2 layers, 64 wide, vocab 65, block 64: parameters - position table, fp32
     n = (GPT(GPTConfig.from_preset("tiny")).num_params() - 64 * 64) * 4
@@ -69,7 +101,7 @@ def test_bound_from_best_of_start_and_end(monkeypatch):
 def test_hf_variants_and_ctranslate2_rows():
     rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
                               quick=True, threads=None, include_reference=False, peers=("ctranslate2",),
-                              read_bw_bytes=16 << 20)
+                              read_bw_bytes=16 << 20, ttft_prompts=())
     by = {r["backend"]: r for r in rows}
     hf = [by[k] for k in ("hf", "hf (no mask)", "hf (static cache)")]
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in hf)
@@ -94,7 +126,7 @@ def test_ctranslate2_greedy_tokens_equal_gptfast(tmp_path):
     m = _peaked()
     prompts = [[464, 2068, 7586, 21831], [40, 1101, 257, 3290]]
     want = generate(m, prompts, 12, temperature=0.0)
-    d, tokens = _hf_dir_for_peers(m, tmp_path / "hf")
+    d, tokens = hf_dir_for_peers(m, tmp_path / "hf")
     assert tokens[50256] == "<|endoftext|>" and tokens[198] == "\u010a"
     got = CT2Peer(d, tokens, tmp_path, "float32", 1).generate(prompts, 12)
     assert got == want
@@ -113,7 +145,7 @@ def test_peer_arguments_and_missing_peer(monkeypatch):
     assert "ctranslate2 is not installed (pip install ctranslate2" in peer_unavailable("ctranslate2")
     rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=4, backends=("torch",), quick=True,
                               threads=None, include_hf=False, include_reference=False, peers=("ctranslate2",),
-                              read_bw_bytes=4 << 20)
+                              read_bw_bytes=4 << 20, ttft_prompts=())
     r = next(r for r in rows if r["backend"] == "ctranslate2 float32")
     assert r["status"] == "unavailable" and "pip install" in r["reason"]
     assert "unavailable: ctranslate2 is not installed" in format_rows(rows)
@@ -127,7 +159,7 @@ def test_llama_cpp_peer_batched_greedy_equals_gptfast():
     import tempfile
     from pathlib import Path
 
-    from gptfast.bench_generate import LlamaCppPeer
+    from gptfast.bench.peers import LlamaCppPeer
     from gptfast.gguf import save_gguf
 
     m = _peaked()
@@ -145,20 +177,28 @@ def test_llama_cpp_peer_batched_greedy_equals_gptfast():
 
 @pytest.mark.slow
 def test_bench_rows_with_both_peers():
-    """Both peers through `benchmark_generate` at two batch sizes (llama.cpp opt-in)."""
+    """Both peers through `benchmark_generate` at two batch sizes (llama.cpp opt-in), and in the
+    prompt-pass table, where gptfast's row gets its ratio to llama.cpp f32."""
     pytest.importorskip("llama_cpp", reason="opt-in peer: pip install 'gptfast[peers]'")
     rows = benchmark_generate("gpt2", n_layer=1, batch_sizes=(1, 2), prompt_len=4, new_tokens=4, backends=("torch",),
                               threads=None, include_hf=False, include_reference=False,
-                              ct2_types=("int8",), gguf_types=("f32", "q8_0"), read_bw_bytes=16 << 20)
+                              ct2_types=("int8",), gguf_types=("f32", "q8_0"), read_bw_bytes=16 << 20,
+                              ttft_prompts=(8, 600))
     for B in (1, 2):
-        by = {r["backend"]: r for r in rows if r["batch"] == B}
+        by = {r["backend"]: r for r in rows if r["batch"] == B and r["op"] == "generate"}
         for k in ("ctranslate2 int8", "llama.cpp f32", "llama.cpp q8_0"):
             assert by[k]["status"] == "ok" and by[k]["tokens_per_s"] > 0, by[k]
         assert "our GGUF f32" in by["llama.cpp f32"]["reason"]
+    for P in (8, 600):  # 600 > llama.cpp's 512-token batch: its context is sized for the prompt
+        t = {r["backend"]: r for r in rows if r["op"] == "ttft" and r["prompt_len"] == P}
+        for k in ("engine[torch]", "ctranslate2 int8", "llama.cpp f32", "llama.cpp q8_0"):
+            assert t[k]["status"] == "ok" and t[k]["ttft_ms"] > 0, t[k]
+        assert t["engine[torch]"]["ttft_vs_llama_cpp"] == pytest.approx(
+            t["llama.cpp f32"]["ttft_ms"] / t["engine[torch]"]["ttft_ms"])
     # the tiny preset's 65-character vocabulary cannot go to GGUF: a row with the reason
     rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=4, backends=("torch",), threads=None,
                               include_hf=False, include_reference=False, peers=("llama.cpp",), gguf_types=("f32",),
-                              read_bw_bytes=16 << 20)
+                              read_bw_bytes=16 << 20, ttft_prompts=())
     r = next(r for r in rows if r["backend"] == "llama.cpp f32")
     assert r["status"] == "unavailable" and "vocab_size is 65, expected >= 50257" in r["reason"]
 
@@ -166,6 +206,8 @@ def test_bench_rows_with_both_peers():
 def test_progress_line_per_contestant(capsys):
     """A full generate run takes ~15 min on 2 cores: each contestant prints a line as it finishes."""
     benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=4, backends=("torch",), quick=True,
-                       threads=None, include_hf=False, include_reference=False, peers=(), read_bw_bytes=4 << 20)
+                       threads=None, include_hf=False, include_reference=False, peers=(), read_bw_bytes=4 << 20,
+                       ttft_prompts=(4,))
     err = capsys.readouterr().err
     assert "bench generate: B=1 engine[torch]: " in err and " tok/s" in err, err
+    assert "bench generate: prompt=4 engine[torch]: first token after " in err, err

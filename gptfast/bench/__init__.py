@@ -9,6 +9,6 @@ Modules: `cases` (the shared case table and work formulas, also used by `benchma
 Importing this package is cheap (no torch): the CLI parser imports it on every command.
 """
 
-from gptfast.bench.runner import SUITES, add_arguments, main
+from gptfast.bench.runner import SUITES, main
 
-__all__ = ["SUITES", "add_arguments", "main"]
+__all__ = ["SUITES", "main"]

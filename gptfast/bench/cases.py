@@ -6,7 +6,8 @@ per call). Every backend is run through the dispatch layer (`ops.<op>(..., backe
 is timed is exactly what the model calls.
 
 Work formulas (stated again under the printed tables):
-  causal attention fwd   FLOPs = 4 * B * H * T^2 * D / 2   (q k^T and p v, 2 FLOPs per MAC, causal half)
+  causal attention fwd   FLOPs = 4 * B * H * D * T (T + 1) / 2   (q k^T and p v, 2 FLOPs per MAC, the
+                                 T (T + 1) / 2 query-key pairs a causal mask keeps; docs/PERF.md)
   causal attention bwd   = 2.5 x fwd (5 matmuls instead of 2), so fwd+bwd = 3.5 x fwd
   layer norm fwd         bytes = (2 * M * N + 2 * N) * e       (read x, write y, read w and b)
   layer norm fwd+bwd     bytes = (5 * M * N + 5 * N) * e       (+ bwd: read x, dy, w; write dx, dw, db)
@@ -31,8 +32,10 @@ import torch
 
 
 def attention_flops(B: int, H: int, T: int, D: int, mode: str = "fwd") -> float:
-    """FLOPs of causal attention: 4*B*H*T^2*D/2 forward; backward = 2.5x forward."""
-    fwd = 4.0 * B * H * T * T * D / 2
+    """FLOPs of causal attention: 4*B*H*D*T(T+1)/2 forward (the exact causal count: T(T+1)/2 kept
+    query-key pairs, each a D-long dot in q k^T and in p v, 2 FLOPs per multiply-add); backward =
+    2.5x forward. The one attention-FLOP formula of gptfast (docs/PERF.md#flop-formulas)."""
+    fwd = 4.0 * B * H * D * T * (T + 1) / 2
     return fwd if mode == "fwd" else 3.5 * fwd
 
 

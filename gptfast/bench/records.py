@@ -54,7 +54,7 @@ def machine_meta(device: str, dtype: str, command: str) -> dict[str, Any]:
     """The metadata stamped on every row of a run."""
     import torch
 
-    from gptfast.checkpoint import git_sha
+    from gptfast.io.checkpoint import git_sha
 
     gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None
     return dict(

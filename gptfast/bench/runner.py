@@ -10,8 +10,6 @@ Each suite prints a table, writes `<out>/<suite>-<timestamp>.json` + `.csv`, app
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import math
 import os
 import sys
@@ -35,29 +33,6 @@ LOSS_TOL = {"fp32": 0.02, "fp16": 0.05, "bf16": 0.05}
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", nargs="?", default="ops", choices=SUITES,
-                   help="ops (kernels), generate (tokens/s), train (ms/iter, loss), all, or plot "
-                        "(redraw the plots of a saved run, see --from)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated backends to compare (default: %(default)s)")
-    p.add_argument("--out", default="bench_results", help="output directory (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats and peers (a smoke run, not for figures)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's current)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per backend (default: 20; 5 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="train suite: steps per backend (default: 100; 20 with --quick)")
-    p.add_argument("--data", default=None,
-                   help="train suite: a text file (default: $GPTFAST_SHAKESPEARE or Tiny Shakespeare "
-                        "beside the source tree, else a synthetic text)")
-    p.add_argument("--no-plot", action="store_true", help="do not draw PNG plots")
-    p.add_argument("--from", dest="from_json", default=None, help="plot: the run JSON to plot")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
 
 def _resolve_args(args) -> None:
@@ -197,7 +172,7 @@ def ops_footer(device: str, peaks: dict) -> list[str]:
     unit = "TFLOP/s" if device == "cuda" else "GFLOP/s"
     lines = [
         f"throughput: FLOP rows in {unit}, byte rows in GB/s (1e9 bytes/s); e = bytes per element",
-        "  attention fwd FLOPs = 4*B*H*T^2*D/2 (causal half); bwd = 2.5x fwd, so fwd+bwd = 3.5x fwd",
+        "  attention fwd FLOPs = 4*B*H*D*T(T+1)/2 (the causal pairs); bwd = 2.5x fwd, so fwd+bwd = 3.5x fwd",
         "  layer_norm bytes: fwd = (2*M*N + 2*N)*e (read x, write y, read w, b); fwd+bwd = (5*M*N + 5*N)*e",
         "  gelu_mlp FLOPs = 2*M*C*F*2 fwd; fwd+bwd = 3x fwd",
         "  decode_attn bytes = (2*H*D*sum(cache_lens) + 2*B*H*D)*e (K, V of the valid prefix; q; out)",
@@ -245,34 +220,20 @@ def suite_ops(args, meta: dict) -> tuple[list[dict], list[dict], dict]:
 # --------------------------------------------------------------------------- generate suite
 
 
-def find_benchmark_generate():
-    """gptfast.bench_generate.benchmark_generate. Imported, not looked up by reflection: a module
-    that fails to import is a bug and raises here with its traceback, never a silent "not available"."""
-    from gptfast.bench_generate import benchmark_generate
-
-    return benchmark_generate
-
-
 def suite_generate(args, meta: dict) -> tuple[list[dict], list[dict], dict | None]:
-    """Rows of `benchmark_generate(...)` (tokens/s vs Hugging Face and the bandwidth bound), with
-    only the keyword arguments its signature accepts."""
-    fn = find_benchmark_generate()
-    offered = dict(device=args.device, dtype=args.dtype, backends=list(args.backends), quick=args.quick,
-                   threads=args.threads, repeats=getattr(args, "generate_repeats", args.repeats), seed=args.seed)
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = offered
-    else:
-        kwargs = {k: v for k, v in offered.items() if k in params}
+    """Rows of `gptfast.bench.generate.benchmark_generate` (tokens/s vs Hugging Face, the peers and
+    the bandwidth bound; the prompt pass). Its import is not guarded: a module that fails to import
+    is a bug and raises with its traceback, never a silent "not available" row."""
+    from gptfast.bench.generate import benchmark_generate
+
     try:
-        got = fn(**kwargs)
+        got = benchmark_generate(device=args.device, dtype=args.dtype, backends=list(args.backends),
+                                 quick=args.quick, threads=args.threads,
+                                 repeats=getattr(args, "generate_repeats", args.repeats), seed=args.seed)
     except Exception as e:  # noqa: BLE001
         return [new_row("generate", op="generate", backend="-", status="error",
                         reason=_first_line(e))], [], None
-    rows = []
-    for g in got or []:
-        g = dict(g) if not isinstance(g, dict) else g
-        rows.append(new_row("generate", **{"op": "generate", **g}))
+    rows = [new_row("generate", **{"op": "generate", **g}) for g in got]
     add_speedups_by_case(rows)
     return rows, [], None
 
@@ -462,9 +423,9 @@ def run_suite(suite: str, args) -> Path:
     elif suite == "train":
         footer = train_footer(args)
     else:
-        footer = ["generate: rows from benchmark_generate (see gptfast.engine)"]
-    if suite == "generate" and any(r.get("backend") == "bound" for r in rows):  # benchmark_generate rows
-        from gptfast.bench_generate import format_rows
+        footer = ["generate: rows from gptfast.bench.generate.benchmark_generate"]
+    if suite == "generate" and any(r.get("backend") == "bound" for r in rows):  # benchmark_generate's rows
+        from gptfast.bench.generate import format_rows
 
         print(f"\n== bench generate ({where}) ==")
         print(format_rows(rows))

@@ -86,6 +86,19 @@ def measure(fns: dict[str, Callable[[], object]], device_type: str, repeats: int
     return {n: summarize(samples[n]) for n in names}
 
 
+def time_calls(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """(median wall seconds of `repeats` calls of `fn()`, the last call's return value): for whole
+    runs (a `generate()` call), where `measure`'s interleaving across backends does not apply."""
+    import statistics
+
+    ts, out = [], None
+    for _ in range(max(1, int(repeats))):
+        t0 = _clock()
+        out = fn()
+        ts.append(_clock() - t0)
+    return statistics.median(ts), out
+
+
 def _measure_cuda(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
     from triton.testing import do_bench
 
@@ -129,51 +142,107 @@ def read_bw_buffer_bytes(device_type: str = "cpu") -> int:
     return max(READ_BW_MIN_BYTES, READ_BW_LLC_FACTOR * (llc or 0))
 
 
-def measure_read_bandwidth(device_type: str = "cpu", nbytes: int | None = None, repeats: int = 7) -> dict:
-    """The machine's read bandwidth as memory-bound engines are judged: a streaming read, by all
-    configured threads (`torch.get_num_threads()`), of a buffer far larger than the caches.
+# The streaming-read methods: name -> (what it runs, threads it uses: None = torch's). Each reads
+# the whole buffer once, sequentially, and writes (almost) nothing, as a GEMV streams its weight.
+READ_METHODS = {
+    "sum": ("torch fp32 buf.sum()", None),
+    "max_i32": ("torch int32 view .max()", None),
+    "gemv": ("torch.mv of a (N, 4096) fp32 view by a vector (MKL sgemv: a GEMV's own read pattern)", None),
+    "numpy": ("numpy np.add.reduce(buf), one thread", 1),
+}
+GEMV_K = 4096  # the GEMV view's row length (a GPT-2 MLP row is 3072; any length >> the vector width)
+_clock = time.perf_counter  # the wall clock (tests replace it)
 
-    Method: an fp32 buffer of max(1 GiB, 8 x last-level cache) bytes (`nbytes` overrides; GPUs: 1
-    GiB), filled with ones (every page touched beforehand); one untimed `buf.sum()`, then `repeats`
-    timed `buf.sum()` calls; GB/s = nbytes / time of one call (bytes read only, 1e9 bytes/s).
-    Returns {gbps: the best (the peak is what the machine can do; on a shared machine the median
-    understates it), min_gbps, median_gbps, max_gbps, samples, method, buffer_mib, threads}.
 
-    Why `.sum()`: PyTorch's fp32 sum reduces with several vector accumulators per thread and splits
-    the buffer across the intra-op threads, so at 2 threads it is bandwidth-bound, not add-bound.
-    Compared on this project's 2-core Zen 4 VM (2026-11-25, 1 GiB, 2 threads, interleaved calls,
-    best of 15): a hand-written AVX-512 loop (4 independent accumulators, one contiguous half per
-    OpenMP thread) 10.3 GB/s, an int32 `.max()` of the same bytes 11.4, `.sum()` 9.9, `aminmax`
-    and a (64, N) row sum alike -- all equal within the noise, so none is compute-limited. (Those
-    readings were taken while other jobs loaded the machine, hence far below the 29-55 GB/s it
-    reads when quiet; the comparison, not the level, is the point.) The old bench read 256 MiB
-    (8x the 32 MiB L3) once; 1 GiB spreads the read over many more pages. Memory bandwidth drifts
-    on a shared VM (29-45 GB/s within 20 minutes seen here), so `gptfast bench generate` measures
-    it at the start and the end of its run and reports both.
-    """
+def _read_fns(buf: torch.Tensor, methods) -> dict[str, tuple[Callable[[], object], int]]:
+    """name -> (a zero-argument call that reads `buf`, bytes it reads)."""
+    out = {}
+    for m in methods:
+        if m == "sum":
+            out[m] = (lambda: buf.sum(), buf.numel() * 4)
+        elif m == "max_i32":
+            out[m] = (lambda: buf.view(torch.int32).max(), buf.numel() * 4)
+        elif m == "gemv":
+            rows = buf.numel() // GEMV_K
+            a = buf[: rows * GEMV_K].view(rows, GEMV_K)
+            x = torch.ones(GEMV_K, device=buf.device)
+            y = torch.empty(rows, device=buf.device)
+            out[m] = (lambda: torch.mv(a, x, out=y), rows * GEMV_K * 4)
+        elif m == "numpy":
+            import numpy as np
+
+            arr = buf.numpy()
+            out[m] = (lambda: np.add.reduce(arr), buf.numel() * 4)
+    return out
+
+
+def bandwidth_stats(samples: list[float]) -> dict:
+    """best / min / median / max GB/s of one method's samples and its spread, 100 * (max - min) /
+    max (how far the slowest sample fell below the best)."""
     import statistics
 
+    best = max(samples)
+    return dict(best_gbps=best, min_gbps=min(samples), median_gbps=statistics.median(samples), max_gbps=best,
+                spread_pct=100.0 * (best - min(samples)) / best, samples=list(samples))
+
+
+def measure_read_bandwidth(device_type: str = "cpu", nbytes: int | None = None, repeats: int = 7,
+                           methods=None) -> dict:
+    """The machine's read bandwidth as memory-bound engines are judged: a streaming read of a
+    buffer far larger than the caches, by the threads the benchmark runs with, by several methods,
+    the fastest taken (see docs/PERF.md#read-bandwidth).
+
+    Method: one fp32 buffer of max(1 GiB, 8 x last-level cache) bytes (`nbytes` overrides; GPUs: 1
+    GiB), filled with ones (every page touched beforehand), read by every method of `methods`
+    (default: all of READ_METHODS on CPU, "sum" on GPUs): one untimed call each, then `repeats`
+    rounds of one timed call per method, interleaved (the starting method rotates per round), so a
+    burst of a neighbour's load hits all methods alike. GB/s = bytes the call reads / its time
+    (1e9 bytes/s). A method can only under-read the machine (a bound that a kernel beats is too
+    low), so the result is the best sample of the fastest method.
+
+    Returns {gbps (the bound's bandwidth), method (a sentence: which method, buffer, threads,
+    repeats), best_method, min_gbps / median_gbps / max_gbps / spread_pct / samples (of the best
+    method), methods: {name: the same stats + what + threads}, buffer_mib, threads}.
+    """
     dev = torch.device(device_type)
     nbytes = int(read_bw_buffer_bytes(device_type) if nbytes is None else nbytes) // 4 * 4
     if nbytes <= 0 or repeats < 1:
         raise ValueError(f"measure_read_bandwidth: nbytes and repeats must be positive, got {nbytes}, {repeats}")
+    if methods is None:
+        methods = tuple(READ_METHODS) if device_type == "cpu" else ("sum",)
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in READ_METHODS or (device_type != "cpu" and m != "sum")]
+    if not methods or bad:
+        raise ValueError(f"measure_read_bandwidth: methods must be a non-empty subset of {tuple(READ_METHODS)} "
+                         f"(GPUs: ('sum',)), got {methods}")
+    threads = torch.get_num_threads()
     buf = torch.ones(nbytes // 4, device=dev)
+    fns = _read_fns(buf, methods)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    buf.sum()
+    for fn, _ in fns.values():
+        fn()
     sync()
     inner = 10 if device_type == "cuda" else 1  # a GPU read of 1 GiB takes ~0.3 ms: amortise the sync
-    gbps = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            buf.sum()
-        sync()
-        gbps.append(inner * nbytes / (time.perf_counter() - t0) / 1e9)
-    del buf
-    threads = torch.get_num_threads()
-    return dict(gbps=max(gbps), min_gbps=min(gbps), median_gbps=statistics.median(gbps), max_gbps=max(gbps),
-                samples=gbps, buffer_mib=nbytes / 2**20, threads=threads,
-                method=f"fp32 .sum() over {nbytes / 2**30:.2f} GiB, {threads} threads, best of {repeats}")
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(repeats):
+        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+            fn, nb = fns[m]
+            t0 = _clock()
+            for _ in range(inner):
+                fn()
+            sync()
+            samples[m].append(inner * nb / (_clock() - t0) / 1e9)
+    del fns, buf
+    per = {m: dict(bandwidth_stats(samples[m]), what=READ_METHODS[m][0], threads=READ_METHODS[m][1] or threads)
+           for m in methods}
+    best = max(methods, key=lambda m: per[m]["best_gbps"])
+    b = per[best]
+    return dict(gbps=b["best_gbps"], best_method=best, min_gbps=b["min_gbps"], median_gbps=b["median_gbps"],
+                max_gbps=b["max_gbps"], spread_pct=b["spread_pct"], samples=b["samples"], methods=per,
+                buffer_mib=nbytes / 2**20, threads=threads,
+                method=(f"streaming read of {nbytes / 2**30:.2f} GiB, fastest of {len(methods)} methods "
+                        f"({', '.join(methods)}): {best} ({b['what']}), {per[best]['threads']} threads, "
+                        f"best of {repeats}"))
 
 
 # Datasheet peaks (dense, no sparsity) for the roofline column on GPUs we know; matched by name.

@@ -4,17 +4,14 @@ Needs a CUDA GPU (not run in CI). Every provider goes through the dispatch layer
 (`gptfast.ops.<op>(..., backend=name)`), so what is timed is what the model calls. Before an op is
 timed its output is checked against the fp64 reference by the project's rule (gptfast/testing.py).
 
-Timing: `triton.testing.do_bench` (median and 20th/80th percentiles, ms; it flushes L2 between
-runs). Throughput, next to each op below:
-  causal attention fwd  TFLOP/s = 4 * B * H * T^2 * D / 2 / t      (two matmuls, causal half)
-  causal attention bwd  TFLOP/s = 2.5 * that (5 matmuls instead of 2) / t   (fwd+bwd timed: 3.5x)
-  layer norm            GB/s = bytes moved / t (fwd: read x, write y; bwd: read x, dy, write dx)
-  gelu mlp              TFLOP/s = 2 * M * (C*F + F*C_out) / t (fwd), x3 for fwd+bwd
-  decode attention      GB/s = K and V bytes of the valid cache prefix / t
-  sampling              us per call (B rows of a 50257-token vocabulary)
+Timing: `gptfast.bench.timing.measure` (on CUDA `triton.testing.do_bench`, L2 flushed between
+runs; median and 20th/80th percentiles, ms), the harness of `gptfast bench`. Throughput: the work
+formulas of `gptfast.bench.cases` (attention_flops, layer_norm_bytes, mlp_flops, decode_bytes;
+stated in its docstring and docs/PERF.md#flop-formulas) / median time; sampling: us per call (B
+rows of a 50257-token vocabulary).
 
-    python benchmarks/bench_triton_gpu.py --out benchmarks/results/triton_gpu.json
-    python benchmarks/bench_triton_gpu.py --ops attention layer_norm --quick --out /tmp/t.json
+    python -m gptfast.bench.triton_gpu --out benchmarks/results/triton_gpu.json
+    python -m gptfast.bench.triton_gpu --ops attention layer_norm --quick --out /tmp/t.json
 """
 
 from __future__ import annotations
@@ -23,9 +20,7 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 OPS = ("attention", "layer_norm", "gelu_mlp", "decode_attention", "sample")
@@ -47,15 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _git_sha() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
@@ -63,26 +49,15 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available() and not args.smoke:
-        print("bench_triton_gpu: needs a CUDA device (none found); nothing was measured", file=sys.stderr)
+        print("gptfast.bench.triton_gpu: needs a CUDA device (none found); nothing was measured", file=sys.stderr)
         return 2
     import triton
 
-    if args.smoke:
-        import statistics
-        import time
-
-        def do_bench(fn, quantiles):
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return [statistics.median(times), min(times), max(times)]
-    else:
-        from triton.testing import do_bench
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gptfast import ops
+    from gptfast.bench import cases
+    from gptfast.bench.timing import measure
+    from gptfast.io.atomic import write_file_atomic
+    from gptfast.io.checkpoint import git_sha
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = "cpu" if args.smoke else "cuda"
@@ -112,7 +87,8 @@ def main(argv=None) -> int:
                 if mode == "fwd" and isinstance(out, torch.Tensor) and out.is_floating_point():
                     outs[prov] = out
                     row["out_checksum"] = float(out.float().abs().mean())
-                ms, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+                t = measure({prov: fn}, dev, repeats=3 if args.smoke else 20)[prov]
+                ms, p20, p80 = t.median_ms, t.p20_ms, t.p80_ms
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({**row, "skipped": "out of memory"})
@@ -148,7 +124,7 @@ def main(argv=None) -> int:
         for B, H, T, D in first([(8, 12, 1024, 64), (4, 12, 2048, 64), (2, 12, 4096, 64), (1, 12, 8192, 64), (8, 12, 1024, 128)],
                                  (1, 2, 33, 16)):
             q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype) for _ in range(3))
-            flops = 4 * B * H * T * T * D / 2
+            flops = cases.attention_flops(B, H, T, D)
             call = dict(dtype=dtype, head_dim=D, dropout_p=0.0)
             run("causal_attention", (B, H, T, D), "fwd",
                 lambda prov: (lambda: ops.causal_attention(q, k, v, backend=prov)), flops, "TFLOP/s", "causal_attention", call,
@@ -162,7 +138,8 @@ def main(argv=None) -> int:
                         out = ops.causal_attention(qg, kg, vg, backend=prov)
                         torch.autograd.grad(out, (qg, kg, vg), do)
                     return f
-                run("causal_attention", (B, H, T, D), "fwd+bwd", fwd_bwd, 3.5 * flops, "TFLOP/s", "causal_attention", call)
+                run("causal_attention", (B, H, T, D), "fwd+bwd", fwd_bwd, cases.attention_flops(B, H, T, D, "fwd+bwd"),
+                    "TFLOP/s", "causal_attention", call)
             del q, k, v
             torch.cuda.empty_cache()
 
@@ -174,7 +151,7 @@ def main(argv=None) -> int:
             esz = x.element_size()
             call = dict(dtype=dtype, n=N)
             run("layer_norm", (M, N), "fwd", lambda prov: (lambda: ops.layer_norm(x, w, b, backend=prov)),
-                2 * M * N * esz + 2 * N * esz, "GB/s", "layer_norm", call,
+                cases.layer_norm_bytes(M, N, esz), "GB/s", "layer_norm", call,
                 truth=lambda: ops.layer_norm(x.double(), w.double(), b.double(), backend="reference"))
             xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
             dy = torch.randn_like(x)
@@ -184,7 +161,8 @@ def main(argv=None) -> int:
                     y = ops.layer_norm(xg, wg, bg, backend=prov)
                     torch.autograd.grad(y, (xg, wg, bg), dy)
                 return f
-            run("layer_norm", (M, N), "fwd+bwd", ln_fwd_bwd, 5 * M * N * esz, "GB/s", "layer_norm", call)
+            run("layer_norm", (M, N), "fwd+bwd", ln_fwd_bwd, cases.layer_norm_bytes(M, N, esz, "fwd+bwd"), "GB/s",
+                "layer_norm", call)
 
     # ---- GELU MLP: 8192 tokens, 768 -> 3072 -> 768.
     if "gelu_mlp" in args.ops:
@@ -194,7 +172,7 @@ def main(argv=None) -> int:
             b1 = torch.randn(F_, device=dev, dtype=dtype)
             w2 = torch.randn(C, F_, device=dev, dtype=dtype) * F_ ** -0.5
             b2 = torch.randn(C, device=dev, dtype=dtype)
-            flops = 2 * M * (C * F_ + F_ * C)
+            flops = cases.mlp_flops(M, C, F_)
             call = dict(dtype=dtype)
             run("gelu_mlp", (M, C, F_), "fwd", lambda prov: (lambda: ops.gelu_mlp(x, w1, b1, w2, b2, backend=prov)),
                 flops, "TFLOP/s", "gelu_mlp", call,
@@ -207,7 +185,8 @@ def main(argv=None) -> int:
                     y = ops.gelu_mlp(*grads_in, backend=prov)
                     torch.autograd.grad(y, grads_in, dy)
                 return f
-            run("gelu_mlp", (M, C, F_), "fwd+bwd", mlp_fwd_bwd, 3 * flops, "TFLOP/s", "gelu_mlp", call)
+            run("gelu_mlp", (M, C, F_), "fwd+bwd", mlp_fwd_bwd, cases.mlp_flops(M, C, F_, "fwd+bwd"), "TFLOP/s", "gelu_mlp",
+                call)
 
     # ---- decode attention: B=8 sequences, a cache of 8192 positions, GPT-2 heads.
     if "decode_attention" in args.ops:
@@ -218,8 +197,7 @@ def main(argv=None) -> int:
             vc = torch.randn_like(kc)
             lens = torch.full((B,), T_max, device=dev, dtype=torch.int32)
             lens[::2] = T_max * 3 // 4  # ragged batch
-            valid = int(lens.sum())
-            nbytes = 2 * valid * H * D * kc.element_size()
+            nbytes = cases.decode_bytes(B, H, D, lens.tolist(), kc.element_size(), Tq)
             call = dict(dtype=dtype, head_dim=D)
             run("decode_attention", (B, H, T_max, D, Tq), "fwd",
                 lambda prov: (lambda: ops.decode_attention(q, kc, vc, lens, backend=prov)), nbytes, "GB/s", "decode_attention", call,
@@ -242,17 +220,15 @@ def main(argv=None) -> int:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "smoke": args.smoke,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha() or "unknown",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": args.dtype,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
-        tmp = f.name
-    os.replace(tmp, out)  # atomic: a crash never leaves half a file
+    text = json.dumps({"meta": meta, "results": rows}, indent=1, default=str)
+    write_file_atomic(out, lambda tmp: tmp.write_text(text))  # a crash never leaves half a file
     print(f"wrote {len(rows)} rows to {out}")
     return 0
 

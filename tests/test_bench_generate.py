@@ -1,0 +1,133 @@
+"""`gptfast.bench.generate`: the rows of the generation benchmark (decoding and the prompt pass),
+on the tiny preset (the arithmetic of the bound and the peers: tests/test_bench_peers.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptfast.bench import generate as bg
+from gptfast.bench import records
+
+
+def _rows(**kw):
+    args = dict(batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",), quick=True, threads=None,
+                reference_tokens=2, peers=(), read_bw_bytes=16 << 20, ttft_prompts=(8,))
+    args.update(kw)
+    return bg.benchmark_generate("tiny", **args)
+
+
+def test_rows_schema_decoding_and_prompt_pass():
+    rows = _rows(ttft_prompts=(8, 64))  # tiny's block size is 64: a 64-token prompt + 1 does not fit
+    dec = [r for r in rows if r["op"] == "generate"]
+    by = {r["backend"]: r for r in dec}
+    assert set(by) >= {"engine[torch]", "hf", "reference (no cache)", "bound"}
+    for r in dec:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
+    # "vs HF" is against the fastest Hugging Face configuration (mask / no mask / static cache)
+    base = [r for r in rows if r.get("hf_baseline")]
+    assert len(base) == 1 and base[0]["backend"].startswith("hf") and base[0]["speedup_vs_hf"] == 1.0
+    assert all(r["speedup_vs_hf"] <= 1.0 for r in dec if r["backend"].startswith("hf"))
+    assert 0 < by["engine[torch]"]["pct_of_bound"]
+    # the prompt pass: one row per contestant for the 8-token prompt, one 'unavailable' for 64
+    ttft = [r for r in rows if r["op"] == "ttft"]
+    t8 = {r["backend"]: r for r in ttft if r["prompt_len"] == 8}
+    assert set(t8) == {"engine[torch]", "hf"}
+    for r in t8.values():
+        assert r["status"] == "ok" and r["ttft_ms"] > 0 and r["batch"] == 1 and r["new_tokens"] == 1, r
+        assert r.get("tokens_per_s") is None and r.get("pct_of_bound") is None  # not decoding rows
+    t64 = [r for r in ttft if r["prompt_len"] == 64]
+    assert len(t64) == 1 and t64[0]["status"] == "unavailable"
+    assert "a 64-token prompt and its first token exceed the block size 64" in t64[0]["reason"]
+    # both table writers take every row; format_rows puts the prompt pass in its own table
+    text = bg.format_rows(rows)
+    assert "engine[torch]" in text and "TTFT ms" in text and "prompt=8 -> first token" in text
+    assert text.index("TTFT ms") > text.index("reference (no cache)")
+    assert "engine[torch]" in records.format_table(rows, "cpu", "generate")
+    # the JSON row keeps every bandwidth method's best reading, start and end
+    assert all(by["bound"][f"read_{w}_{m}_gbps"] > 0 for w in ("start", "end") for m in ("sum", "gemv", "numpy"))
+
+    # Hugging Face with its static cache: every contestant gets its ratio to it
+    rows = _rows(include_reference=False, hf_static=True, variants=False, ttft_prompts=())
+    by = {r["backend"]: r for r in rows}
+    assert not [r for r in rows if r["op"] == "ttft"]
+    assert by["hf (static cache)"]["status"] == "ok" and by["hf (static cache)"]["speedup_vs_hf_static"] == 1.0
+    assert by["engine[torch]"]["speedup_vs_hf_static"] == pytest.approx(
+        by["engine[torch]"]["tokens_per_s"] / by["hf (static cache)"]["tokens_per_s"])
+    assert "vs HF static" in bg.format_rows(rows)
+    assert "vs HF static" not in bg.format_rows([{k: v for k, v in r.items() if k != "speedup_vs_hf_static"}
+                                                 for r in rows])
+    with pytest.raises(ValueError, match=r"ttft_prompts must be positive lengths, got \(0,\)"):
+        _rows(ttft_prompts=(0,))
+
+
+def test_prompt_pass_peers_absent_rows_with_reason(monkeypatch):
+    """A peer that is not installed: its decoding and prompt-pass rows are there, 'unavailable',
+    with the reason (pip install ...)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("ctranslate2", "llama_cpp") else real(name, *a))
+    rows = _rows(batch_sizes=(1,), include_hf=False, include_reference=False, peers=("ctranslate2", "llama.cpp"),
+                 ct2_types=("int8",), gguf_types=("f32",))
+    for op in ("generate", "ttft"):
+        by = {r["backend"]: r for r in rows if r["op"] == op}
+        assert by["engine[torch]"]["status"] == "ok"
+        assert by["ctranslate2 int8"]["status"] == "unavailable"
+        assert "ctranslate2 is not installed (pip install ctranslate2" in by["ctranslate2 int8"]["reason"]
+        assert by["llama.cpp f32"]["status"] == "unavailable"
+        assert "llama_cpp is not installed (pip install llama-cpp-python" in by["llama.cpp f32"]["reason"]
+    assert "unavailable: llama_cpp is not installed" in bg.format_rows(rows)
+
+
+def test_prompt_pass_ctranslate2_row():
+    """CTranslate2 (installed with the test extras) in the prompt-pass table, same first token."""
+    rows = _rows(batch_sizes=(1,), include_hf=False, include_reference=False, peers=("ctranslate2",),
+                 ct2_types=("float32",))
+    r = next(r for r in rows if r["op"] == "ttft" and r["backend"] == "ctranslate2 float32")
+    assert r["status"] == "ok" and r["ttft_ms"] > 0 and "generate_batch(max_length=1)" in r["reason"], r
+    assert r["weights"] == "float32"
+
+
+def test_ttft_ratio_to_llama_cpp_same_weight_bytes():
+    """ttft_vs_llama_cpp = the fastest llama.cpp prompt pass of the same length at the same weight
+    bytes / the row's time: fp32 against f32 only, bf16 against the faster of f16 and bf16."""
+    def r(backend, weights, ms, P=16):
+        return dict(op="ttft", backend=backend, weights=weights, ttft_ms=ms, prompt_len=P)
+
+    rows = [r("engine[auto]", "fp32", 40.0), r("engine[auto] bf16 weights", "bf16", 25.0),
+            r("llama.cpp f32", "f32", 50.0), r("llama.cpp f16", "f16", 30.0), r("llama.cpp bf16", "bf16", 20.0),
+            r("llama.cpp q8_0", "q8_0", 10.0), r("llama.cpp f32", "f32", 400.0, P=512),
+            r("engine[auto]", "fp32", 500.0, P=512), r("ctranslate2 float32", "float32", 35.0)]
+    bg._ttft_ratios(rows)
+    assert rows[0]["ttft_vs_llama_cpp"] == pytest.approx(50.0 / 40.0)
+    assert rows[1]["ttft_vs_llama_cpp"] == pytest.approx(20.0 / 25.0)
+    assert rows[7]["ttft_vs_llama_cpp"] == pytest.approx(400.0 / 500.0)
+    assert all("ttft_vs_llama_cpp" not in x for x in rows[2:7] + rows[8:])
+
+
+def test_bf16_weights_row_native():
+    """native (or auto) on CPU fp32: also weight-only bf16 (gptfast.quantize of a copy), held to its
+    own halved weight bytes, decoding and prompt pass; the fp32 model is left as it was."""
+    rows = _rows(batch_sizes=(1,), backends=("native",), include_hf=False, include_reference=False)
+    by = {r["backend"]: r for r in rows if r["op"] == "generate"}
+    r16 = by["engine[native] bf16 weights"]
+    assert r16["status"] == "ok" and r16["tokens_per_s"] > 0 and r16["pct_of_bound"] > 0, r16
+    assert "greedy = fp32 engine for the first" in r16["reason"]
+    assert not any("python step" in r["backend"] for r in rows)  # no module global flipped
+    ratio = lambda r: r["pct_of_bound"] / r["tokens_per_s"]  # noqa: E731
+    n = rows[0]["weight_bytes"]
+    kv = 2 * 2 * 64 * (4 + 6 / 2) * 4  # tiny: 2 layers x 64 wide, fp32 K/V at the mean length
+    assert ratio(r16) / ratio(by["engine[native]"]) == pytest.approx((n / 2 + kv) / (n + kv), rel=1e-9)
+    t = {r["backend"]: r for r in rows if r["op"] == "ttft"}
+    assert t["engine[native] bf16 weights"]["status"] == "ok" and t["engine[native] bf16 weights"]["weights"] == "bf16"
+
+
+@pytest.mark.slow
+def test_compiled_row():
+    """The compiled-engine contestant (on by default on CUDA) runs and is timed; on CPU it is
+    inductor, slow to compile, hence `slow`."""
+    rows = _rows(batch_sizes=(1,), include_hf=False, include_reference=False, compiled_too=True, ttft_prompts=())
+    by = {r["backend"]: r for r in rows}
+    assert by["engine[torch] compiled"]["status"] == "ok" and by["engine[torch] compiled"]["tokens_per_s"] > 0
