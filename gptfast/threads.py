@@ -2,18 +2,13 @@
 
 OpenMP workers that wait for a sibling spin for a while before sleeping; when another process
 holds one of the cores, the sibling is descheduled and every parallel region of a decoding step
-waits for it. Measured on the project's 2-core VM, GPT-2 124M greedy, batch 1
-(benchmarks/results/cpu/measurements-20261125.md):
-
-    quiet machine:          2 threads, default wait 61-62 tok/s | passive wait 54 tok/s
-    one core busy elsewhere: 2 threads, default wait 22-29 tok/s | passive 43-45 | 1 thread 45-47
-
-Passive waiting fixes the busy case but costs ~13 % on a quiet machine (every parallel region then
-pays a futex wake-up). Fitting the thread count to the free cores keeps the quiet machine's speed
-and recovers the busy one's, so the CLI does that: it samples other processes' CPU use for
-SAMPLE_S (gptfast.bench.load.BusyMeter: /proc/stat minus our own time) and lowers torch's thread
-count to the cores left free. OMP_NUM_THREADS (or an explicit torch.set_num_threads by a library
-user, who never calls this) is respected.
+waits for it (a busy core cut GPT-2 batch 1 to under half its speed). Passive waiting fixes that
+but slows a quiet machine (every parallel region then pays a futex wake-up); fitting the thread
+count to the free cores keeps both (measurements: docs/PERF.md#threads-on-a-busy-machine), so
+the CLI does that: it samples other processes' CPU use for SAMPLE_S (gptfast.bench.load.BusyMeter:
+/proc/stat minus our own time) and lowers torch's thread count to the cores left free.
+OMP_NUM_THREADS (or an explicit torch.set_num_threads by a library user, who never calls this) is
+respected.
 """
 
 from __future__ import annotations
