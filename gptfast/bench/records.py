@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +137,9 @@ def format_table(rows: list[dict], device: str, title: str, footer: list[str] = 
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from gptfast.io.atomic import write_file_atomic  # fsynced file and directory
+
+    write_file_atomic(path, lambda tmp: tmp.write_text(text, newline=""))
 
 
 def _jsonable(v):
