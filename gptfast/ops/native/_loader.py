@@ -60,6 +60,10 @@ class _LoaderState:
         self.error: str | None = None  # "build failed: ..." once a load has failed
         self.origin: str | None = None  # path of the loaded library
         self.warned = False
+        # Once loaded, the registered kernels do not change: availability / kernel lookups are
+        # answered from here (a dispatcher query costs ~1-2 us, and `auto` asks on every op call).
+        self.available: dict[str, str | None] = {}
+        self.kernels: dict[tuple[str, str], bool] = {}
 
 
 _STATE = _LoaderState()
@@ -240,12 +244,28 @@ def ensure_loaded() -> None:
 
 
 def _has_kernel(lib_op: str, device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gptfast::{lib_op}", key)
+    state = _STATE
+    found = state.kernels.get((lib_op, device_type))
+    if found is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"gptfast::{lib_op}", key)
+        if state.loaded:
+            state.kernels[(lib_op, device_type)] = found
+    return found
 
 
 def availability(device_type: str) -> str | None:
     """None if the native library is loaded (built on first call) and has kernels for the device."""
+    state = _STATE
+    if state.loaded and device_type in state.available:
+        return state.available[device_type]
+    reason = _availability(device_type)
+    if state.loaded and state is _STATE:
+        state.available[device_type] = reason
+    return reason
+
+
+def _availability(device_type: str) -> str | None:
     if device_type not in ("cpu", "cuda"):
         return f"no native kernels for device type {device_type!r}"
     if device_type == "cuda" and not torch.cuda.is_available():
