@@ -226,7 +226,9 @@ def sample(
         return logits.argmax(dim=-1)
     if uniform is None or tuple(uniform.shape) != (logits.shape[0],):
         got = None if uniform is None else tuple(uniform.shape)
-        raise ValueError(f"sample: uniform must be a ({logits.shape[0]},) tensor of draws for temperature > 0, got {got}")
+        raise ValueError(
+            f"sample: uniform must be a ({logits.shape[0]},) tensor of draws for temperature > 0, got {got}"
+        )
     return torch.ops.gptfast_triton.sample_from_uniform(
         logits, uniform, float(temperature), 0 if top_k is None else int(top_k),
         1.0 if top_p is None else float(top_p),

@@ -227,7 +227,9 @@ class DecodeStepWeights:
         for name in self.LISTS:
             v = getattr(self, name)
             if not isinstance(v, (list, tuple)):
-                raise TypeError(f"DecodeStepWeights: {name} must be a list (one entry per layer), got {type(v).__name__}")
+                raise TypeError(
+                    f"DecodeStepWeights: {name} must be a list (one entry per layer), got {type(v).__name__}"
+                )
             setattr(self, name, list(v))
         lengths = {name: len(getattr(self, name)) for name in self.LISTS}
         if len(set(lengths.values())) > 1:  # name the odd ones out (against the most common length)
@@ -243,7 +245,8 @@ class DecodeStepWeights:
                                      f"got {type(t).__name__}")
         for name in ("wte", "wpe", "w_head"):
             if not isinstance(getattr(self, name), torch.Tensor):
-                raise ValueError(f"DecodeStepWeights: {name} must be a tensor, got {type(getattr(self, name)).__name__}")
+                got = type(getattr(self, name)).__name__
+                raise ValueError(f"DecodeStepWeights: {name} must be a tensor, got {got}")
 
     @property
     def n_layer(self) -> int:
