@@ -75,24 +75,42 @@ def test_read_bandwidth_best_of_and_spread_arithmetic(monkeypatch):
     assert "max_i32 (torch int32 view .max())" in r["method"] and "best of 3" in r["method"]
 
 
-def test_bound_from_best_of_start_and_end(monkeypatch):
-    readings = iter([dict(gbps=10.0, min_gbps=8.0, median_gbps=9.0, max_gbps=10.0, method="M"),
-                     dict(gbps=20.0, min_gbps=15.0, median_gbps=18.0, max_gbps=20.0, method="M")])
-    monkeypatch.setattr(timing, "measure_read_bandwidth", lambda *a, **k: next(readings))
-    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
+def test_bound_from_best_reading_of_the_run(monkeypatch):
+    """The bound uses the best of every reading (start, end, and the short ones after each timed
+    contestant); each row's local bound the better of the readings just before and after it."""
+    full = iter([dict(gbps=10.0, min_gbps=8.0, median_gbps=9.0, max_gbps=10.0, method="M"),
+                 dict(gbps=20.0, min_gbps=15.0, median_gbps=18.0, max_gbps=20.0, method="M")])
+    light = iter([25.0, 11.0])
+
+    def fake(device_type, nbytes=None, repeats=7, methods=None):
+        if methods is None:  # the start and end readings: every method
+            return next(full)
+        assert tuple(methods) == ("sum", "max_i32") and repeats == 2
+        return dict(gbps=next(light))
+
+    monkeypatch.setattr(timing, "measure_read_bandwidth", fake)
+    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch", "reference"),
                               quick=True, threads=None, include_hf=False, include_reference=False, peers=(),
                               ttft_prompts=())
     by = {r["backend"]: r for r in rows}
     # tiny: 2 layers, 64 wide, vocab 65, block 64: parameters - position table, fp32
     n = (GPT(GPTConfig.from_preset("tiny")).num_params() - 64 * 64) * 4
     step = n + 2 * (2 * 2 * 64 * (4 + 6 / 2) * 4)  # + B x K/V at the mean length
-    assert by["bound"]["ms_per_token"] == pytest.approx(1e3 * step / 20e9, rel=1e-12)
-    e = by["engine[torch]"]
-    assert e["read_gbps"] == 20.0 and e["read_start_median_gbps"] == 9.0 and e["read_end_min_gbps"] == 15.0
+    assert by["bound"]["ms_per_token"] == pytest.approx(1e3 * step / 25e9, rel=1e-12)  # best: a light one
+    e, ref = by["engine[torch]"], by["engine[reference]"]
+    assert e["read_gbps"] == 25.0 and e["read_start_median_gbps"] == 9.0 and e["read_end_min_gbps"] == 15.0
     assert e["pct_of_bound"] == pytest.approx(100 * by["bound"]["ms_per_token"] / e["ms_per_token"], rel=1e-9)
+    # engine[torch]: between the start reading (10) and the first light one (25): local 25
+    assert (e["read_before_gbps"], e["read_after_gbps"], e["read_local_gbps"]) == (10.0, 25.0, 25.0)
+    assert e["pct_of_local_bound"] == pytest.approx(e["pct_of_bound"], rel=1e-9)
+    # engine[reference]: between 25 and 11: local 25 (the better one, here the one before)
+    assert (ref["read_before_gbps"], ref["read_after_gbps"], ref["read_local_gbps"]) == (25.0, 11.0, 25.0)
+    assert ref["pct_of_local_bound"] == pytest.approx(100 * (step / 25e9) / (ref["ms_per_token"] * 1e-3), rel=1e-9)
+    assert "pct_of_local_bound" not in by["bound"]
     text = format_rows(rows)
     assert "start of run min/median/max 8.0/9.0/10.0 GB/s, end 15.0/18.0/20.0 GB/s" in text
-    assert "bound from the best, 20.0 GB/s" in text
+    assert "bound from the best reading of the run, 25.0 GB/s" in text
+    assert "2 short readings after the contestants (sum, max_i32, best of 2): 11.0-25.0 GB/s" in text
 
 
 # ----------------------------------------------------------------------------- contestants

@@ -35,9 +35,12 @@ Formulas (next to the code that computes them):
   the LM head; the embedding rows read are negligible), kv_bytes(L) = 2 * n_layer * n_embd * L * e.
   read_bw: `gptfast.bench.timing.measure_read_bandwidth` (streaming reads of >= 1 GiB by several
   methods, the benchmark's threads, best of several; docs/PERF.md#read-bandwidth) measured at the
-  start and at the end of this run; the bound uses the best reading of both (a peak is what the
-  machine can do), and the table prints both readings' min / median / max. % of bound = bound
-  step time / measured step time. Rows with other weight bytes are held to their own bound: bf16
+  start and at the end of this run, and briefly (READ_BW_LIGHT, best of 2) after every timed
+  decoding contestant; the bound uses the best reading of the run (a peak is what the machine
+  can do), and the table prints the start and end readings' min / median / max. % of bound =
+  bound step time / measured step time. % local (`pct_of_local_bound`) = the same with the
+  better of the two readings just before and after the row (this VM's bandwidth drifts 2-3x
+  within minutes, so a run-wide bound can be far from the machine's state during one row). Rows with other weight bytes are held to their own bound: bf16
   weights (weight_bytes / 2), llama.cpp f16 / bf16 (/ 2) and q8_0 (x 34 / 128: 34 bytes per 32
   weights), CTranslate2 int8 (/ 4, its scales ignored), always plus the same fp32 K/V bytes.
 """
@@ -65,6 +68,8 @@ from gptfast.bench.peers import (
 from gptfast.bench.timing import time_calls
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the short reading between contestants: the two methods that read fastest here (docs/PERF.md)
+READ_BW_LIGHT = ("sum", "max_i32")
 TTFT_PROMPTS = (16, 512)
 # Weight formats whose bytes match (for the TTFT ratio to llama.cpp): ours -> llama.cpp's
 _SAME_BYTES = {"fp32": ("f32",), "bf16": ("f16", "bf16")}
@@ -110,6 +115,7 @@ def benchmark_generate(
     gguf_types=None,
     read_bw_bytes: int | None = None,
     ttft_prompts=TTFT_PROMPTS,
+    read_bw_between: bool = True,
 ) -> list[dict]:
     """Rows {op, mode, shape, backend, status, reason, tokens_per_s, ms_per_token, median_ms,
     speedup_vs_hf, gbps, pct_of_bound, pct_peak, batch, new_tokens, ...}, one per contestant per
@@ -127,7 +133,8 @@ def benchmark_generate(
     gguf_types: their weight formats (default: all of CT2_TYPES / GGUF_TYPES, fewer with quick).
     read_bw_bytes: the bandwidth buffer (default: max(1 GiB, 8 x LLC)). ttft_prompts: prompt
     lengths of the prompt-pass rows (() for none; a length over the block size gives an
-    'unavailable' row)."""
+    'unavailable' row). read_bw_between: also a short bandwidth reading after every timed
+    decoding contestant (READ_BW_LIGHT), for each row's local bound (`pct_of_local_bound`)."""
     import tempfile
     from pathlib import Path
 
@@ -162,6 +169,8 @@ def benchmark_generate(
     bw_repeats = 5 if quick else 9
     # measure_read_bandwidth is looked up on the module at call time (tests replace it)
     bw_start = timing.measure_read_bandwidth(dev_type, nbytes=read_bw_bytes, repeats=bw_repeats)
+    between: list[float] = []  # the short readings after each timed decoding contestant, GB/s
+    last_read = [bw_start["gbps"]]  # the most recent reading, whichever kind
     g = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     shape_of = lambda B: f"{model_preset} L{cfg.n_layer} B={B} prompt={prompt_len} new={new_tokens}"  # noqa: E731
@@ -185,6 +194,13 @@ def benchmark_generate(
                  reason="", batch=B, new_tokens=new_tokens, prompt_len=prompt_len, weight_bytes=weight_bytes)
         r.update(kw)
         rows.append(r)
+        if read_bw_between and r["op"] == "generate" and r.get("seconds"):
+            # the machine's bandwidth right before (the last reading) and right after this contestant
+            after = timing.measure_read_bandwidth(dev_type, nbytes=read_bw_bytes, repeats=2,
+                                                  methods=READ_BW_LIGHT if dev_type == "cpu" else None)["gbps"]
+            r.update(read_before_gbps=last_read[0], read_after_gbps=after)
+            between.append(after)
+            last_read[0] = after
         # progress: one line per contestant as it finishes (a full run takes ~15 min on 2 cores)
         t = r.get("seconds")  # wall seconds of one generate() of new_tokens, where timed
         if r["op"] == "ttft":
@@ -355,9 +371,11 @@ def benchmark_generate(
 
     # The bandwidth again at the end: the bound uses the best reading of the run.
     bw_end = timing.measure_read_bandwidth(dev_type, nbytes=read_bw_bytes, repeats=bw_repeats)
-    read_gbps = max(bw_start["gbps"], bw_end["gbps"])
+    read_gbps = max([bw_start["gbps"], bw_end["gbps"], *between])  # the best reading of the run
     read_bw = read_gbps * 1e9
     bw_info = dict(read_gbps=read_gbps, read_method=(bw_start if bw_start["gbps"] >= bw_end["gbps"] else bw_end)["method"],
+                   read_between_n=len(between), read_between_min_gbps=min(between, default=None),
+                   read_between_max_gbps=max(between, default=None),
                    **{f"read_{when}_{k}_gbps": bw[f"{k}_gbps"] for when, bw in (("start", bw_start), ("end", bw_end))
                       for k in ("min", "median", "max")})
     for when, bw in (("start", bw_start), ("end", bw_end)):  # every method's best: the JSON keeps them all
@@ -373,7 +391,7 @@ def benchmark_generate(
             if r["backend"] == "bound":
                 r["tokens_per_s"] = B * read_bw / own
                 r["ms_per_token"] = 1e3 * own / read_bw
-                r["reason"] = f"read {read_gbps:.1f} GB/s (best of start/end) / {own / 1e6:.0f} MB per step"
+                r["reason"] = f"read {read_gbps:.1f} GB/s (best reading of the run) / {own / 1e6:.0f} MB per step"
                 continue
             if r["status"] != "ok":
                 continue
@@ -382,6 +400,11 @@ def benchmark_generate(
             r["ms_per_token"] = r["median_ms"] = 1e3 * t / new_tokens
             r["gbps"] = own * new_tokens / t / 1e9  # bytes a decoding step must read x steps/s
             r["pct_of_bound"] = r["pct_peak"] = 100.0 * (own / read_bw) * new_tokens / t
+            if r.get("read_after_gbps"):
+                # the bound from the readings just before and after this contestant: the VM's
+                # bandwidth drifts 2-3x within minutes (docs/PERF.md#read-bandwidth)
+                r["read_local_gbps"] = local = max(r["read_before_gbps"], r["read_after_gbps"])
+                r["pct_of_local_bound"] = 100.0 * (own / (local * 1e9)) * new_tokens / t
         hf_rows = [r for r in group if r["backend"].startswith("hf") and r.get("tokens_per_s")]
         if hf_rows:
             best = max(hf_rows, key=lambda r: r["tokens_per_s"])
@@ -482,7 +505,7 @@ def format_rows(rows: list[dict]) -> str:
     ttft = [r for r in rows if r.get("op") == "ttft"]
     static = any(r.get("speedup_vs_hf_static") is not None for r in dec)
     head = (f"{'shape':38s} {'backend':30s} {'tok/s':>8s} {'ms/tok':>8s} {'vs HF':>6s} "
-            + (f"{'vs HF static':>12s} " if static else "") + f"{'% bound':>8s}  note")
+            + (f"{'vs HF static':>12s} " if static else "") + f"{'% bound':>8s} {'% local':>8s}  note")
     out = [head, "-" * len(head)]
 
     def f(r, k, fmt):
@@ -496,7 +519,7 @@ def format_rows(rows: list[dict]) -> str:
         out.append(f"{r['shape']:38s} {r['backend']:30s} {f(r, 'tokens_per_s', '8.1f')} "
                    f"{f(r, 'ms_per_token', '8.2f')} {f(r, 'speedup_vs_hf', '6.2f')} "
                    + (f"{f(r, 'speedup_vs_hf_static', '12.2f')} " if static else "")
-                   + f"{f(r, 'pct_of_bound', '8.1f')}  {note(r)}")
+                   + f"{f(r, 'pct_of_bound', '8.1f')} {f(r, 'pct_of_local_bound', '8.1f')}  {note(r)}")
     if ttft:
         head = f"{'prompt pass (time to first token)':46s} {'backend':30s} {'TTFT ms':>8s} {'vs llama.cpp':>12s}  note"
         out += ["", head, "-" * len(head)]
@@ -514,7 +537,11 @@ def format_rows(rows: list[dict]) -> str:
         out.append(f"read bandwidth ({bw.get('read_method', '')}): start of run min/median/max "
                    f"{bw['read_start_min_gbps']:.1f}/{bw['read_start_median_gbps']:.1f}/{bw['read_start_max_gbps']:.1f} "
                    f"GB/s, end {bw['read_end_min_gbps']:.1f}/{bw['read_end_median_gbps']:.1f}/"
-                   f"{bw['read_end_max_gbps']:.1f} GB/s; bound from the best, {bw['read_gbps']:.1f} GB/s")
+                   f"{bw['read_end_max_gbps']:.1f} GB/s; bound from the best reading of the run, {bw['read_gbps']:.1f} GB/s")
+        if bw.get("read_between_n"):
+            out.append(f"  {bw['read_between_n']} short readings after the contestants ({', '.join(READ_BW_LIGHT)}, "
+                       f"best of 2): {bw['read_between_min_gbps']:.1f}-{bw['read_between_max_gbps']:.1f} GB/s; "
+                       "% local = the bound from the readings just before and after the row")
         methods = sorted({k[len("read_start_"):-len("_gbps")] for k in bw if k.startswith("read_start_")
                           and k.endswith("_gbps") and k[len("read_start_"):-len("_gbps")] not in ("min", "median", "max")})
         if methods:

@@ -431,7 +431,8 @@ def run_suite(suite: str, args) -> Path:
         print(format_rows(rows))
         print("tok/s = batch x new tokens / wall time of generate(); vs HF = tok/s / the fastest Hugging Face "
               "configuration's, same run (named below the table); % bound = bound step time (bytes per step / "
-              "the better of the start and end read-bandwidth readings, below) / time")
+              "the best read-bandwidth reading of the run, below) / time; % local: the same with the readings just "
+              "before and after the row")
     else:
         print(records.format_table(rows, args.device, f"bench {suite} ({where})", footer))
     if scale_rows:
