@@ -9,7 +9,8 @@ Threads: the `gptfast` command fits torch's thread count to the cores other proc
 
 from gptfast import ops
 from gptfast.config import PRESETS, GPTConfig
-from gptfast.engine import generate, stream
+from gptfast.generation import generate, stream
+from gptfast.quantize import quantize
 from gptfast.model import GPT, BigramLanguageModel
 from gptfast.ops import set_backend, use_backend
 from gptfast.tokenizers import (
@@ -49,6 +50,7 @@ __all__ = [
     "generate",
     "get_tokenizer",
     "ops",
+    "quantize",
     "patch",
     "set_backend",
     "stream",

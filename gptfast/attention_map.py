@@ -7,9 +7,9 @@
     gptfast attention-map --text "To be, or not to be" --out map.png            # every layer x head
     gptfast attention-map --text "To be, or not to be" --layer 3 --head 1 --graph --out g.png
 
-The probabilities are recomputed from the model's own queries and keys: the blocks are run one
-by one and, before each block, `q, k = block.attn.split_heads(block.ln_1(x))` is fed to
-`gptfast.ops.reference.attention_probs` (softmax(q k^T / sqrt(hs)) with the causal mask). This is
+The probabilities come from the model's own attention modules: the model runs its forward once
+and each attention layer's input is handed to that layer's `attention_probs` (its own q, k through
+`gptfast.ops.reference.attention_probs`: softmax(q k^T / sqrt(hs)) with the causal mask). This is
 the matrix the model's fused attention kernels apply without ever storing it, so the map is exact
 (up to fp32 rounding) whatever backend the model runs on.
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from gptfast.ops import reference
 from gptfast.errors import InputError
 
 
@@ -46,7 +45,7 @@ def attention_probs(model, idx: torch.Tensor, layer: int | None = None) -> torch
     blocks = model.transformer.h
     n_layer = len(blocks)
     if layer is not None:
-        if not isinstance(layer, int) or not -n_layer <= layer < n_layer:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -n_layer <= layer < n_layer:
             raise InputError(f"attention_probs: layer must be an int in [{-n_layer}, {n_layer - 1}], got {layer!r}")
         layer %= n_layer
     B, T = idx.shape
@@ -54,23 +53,24 @@ def attention_probs(model, idx: torch.Tensor, layer: int | None = None) -> torch
         raise InputError(f"attention_probs: sequence length {T} exceeds the block size {model.config.block_size}")
     if T == 0:
         raise InputError("attention_probs: idx holds no tokens")
+    wanted = range(n_layer) if layer is None else [layer]
+    out: dict[int, torch.Tensor] = {}
+
+    def recorder(i):  # each attention module computes its own probabilities from its input
+        def hook(module, args):
+            out[i] = module.attention_probs(args[0])
+        return hook
+
+    handles = [blocks[i].attn.register_forward_pre_hook(recorder(i)) for i in wanted]
     was_training = model.training
     model.eval()
     try:
-        tr = model.transformer
-        pos = torch.arange(T, device=idx.device)
-        x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
-        out = []
-        for i, block in enumerate(blocks):
-            if layer is None or i == layer:
-                q, k, _ = block.attn.split_heads(block.ln_1(x))  # (B, nh, T, hs) each
-                out.append(reference.attention_probs(q, k))  # (B, nh, T, T)
-                if layer is not None:
-                    break
-            x = block(x)
+        model(idx)
     finally:
         model.train(was_training)
-    return torch.stack(out)  # (L, B, nh, T, T)
+        for h in handles:
+            h.remove()
+    return torch.stack([out[i] for i in wanted])  # (L, B, nh, T, T)
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -187,61 +187,3 @@ def plot_attention_graph(probs: torch.Tensor, labels: list[str], out: str | os.P
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="gptfast checkpoint (default: the embedded Shakespeare model)")
-    src.add_argument("--preset", help="a preset name, randomly initialised (for smoke tests)")
-    p.add_argument("--text", default="To be, or not to be: that is the question.",
-                   help="the text whose attention is drawn")
-    p.add_argument("--layer", type=int, default=None, help="one layer (default: every layer)")
-    p.add_argument("--head", type=int, default=None, help="one head (default: every head)")
-    p.add_argument("--graph", action="store_true",
-                   help="draw one head as a directed graph (default: last layer, head 0)")
-    p.add_argument("--top", type=int, default=3, help="--graph: arrows per token (default: 3)")
-    p.add_argument("--out", default="attention_map.png", help="PNG file to write")
-    p.add_argument("--backend", default=None, choices=["auto", "reference", "torch", "native", "triton"],
-                   help="op backend the blocks run on (the probabilities are the same on any)")
-
-
-def main(args) -> int:
-    from gptfast.cli import UserError, load_model_for_cli
-
-    model, tokenizer, what = load_model_for_cli(args)
-    if args.backend:
-        model.backend = args.backend
-    ids = tokenizer.encode(args.text)
-    if not ids:
-        raise UserError("--text encodes to no tokens; give at least one character")
-    if len(ids) > model.config.block_size:
-        raise UserError(f"--text is {len(ids)} tokens; this model sees at most {model.config.block_size}")
-    n_layer, n_head = model.config.n_layer, model.config.n_head
-    if args.layer is not None and not -n_layer <= args.layer < n_layer:
-        raise UserError(f"--layer must be in [0, {n_layer - 1}] (or negative from the end), got {args.layer}")
-    if args.head is not None and not 0 <= args.head < n_head:
-        raise UserError(f"--head must be in [0, {n_head - 1}], got {args.head}")
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1, got {args.top}")
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise UserError(f"--out: directory does not exist: {out.parent}")
-    idx = torch.tensor([ids], dtype=torch.long)
-    labels = token_labels(tokenizer, ids)
-    if args.graph:
-        layer = n_layer - 1 if args.layer is None else args.layer % n_layer
-        head = 0 if args.head is None else args.head
-        probs = attention_probs(model, idx, layer=layer)[0, 0, head]  # (T, T)
-        plot_attention_graph(probs, labels, out, top=args.top,
-                             title=f"{what}: layer {layer} head {head} (arrow i -> j: i attends to j)")
-    else:
-        layer = None if args.layer is None else args.layer % n_layer
-        probs = attention_probs(model, idx, layer=layer)[:, 0]  # (L, H, T, T)
-        layers = list(range(n_layer)) if layer is None else [layer]
-        heads = None if args.head is None else [args.head]
-        plot_attention(probs, labels, out, layers, heads, title=f"{what}: {args.text[:60]!r}")
-    print(f"wrote {out}")
-    return 0

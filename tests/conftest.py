@@ -18,6 +18,13 @@ if "TRITON_INTERPRET" not in os.environ:
     if not _torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# The `gptfast` command fits torch's threads to the cores other processes leave free and says so on
+# stderr (gptfast.threads); tests that check the CLI's stderr line by line must not depend on what
+# else the machine runs. An explicit thread count turns the fitting off (for in-process calls and
+# for the CLI subprocesses, which inherit it); the threads tests set their own environment.
+if not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

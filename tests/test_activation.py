@@ -1,7 +1,7 @@
 """The MLP activation (`GPTConfig.activation`): GPT-2's tanh GELU ("gelu_tanh") and the exact erf
 GELU ("gelu", nanoGPT's nn.GELU(), Hugging Face "gelu") on every backend, forward and backward;
 the native CPU kernel's vectorised erf against fp64; nanoGPT / Hugging Face import, export and
-patch with each; the engine's generation (fused native step and Python step) with the exact GELU.
+patch with each; KV-cached generation (fused native step and the model's forward step) with the exact GELU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gptfast
 import gptfast.hf_patch
-from gptfast import GPT, GPTConfig, engine, ops
+import gptfast
+from gptfast import GPT, GPTConfig, fused_decode, ops
 from gptfast.errors import CheckpointError
 from gptfast.io import from_pretrained, save_pretrained
 from gptfast.ops import native, reference
@@ -344,12 +345,13 @@ def test_engine_generation_exact_gelu(nano, tmp_path, fused, monkeypatch):
     p = tmp_path / "ckpt.pt"
     _write_nanogpt_ckpt(p, nano)
     model = from_pretrained(p)
-    monkeypatch.setattr(engine, "FUSED_STEP", fused)
+    if not fused:  # the model's own forward for the step
+        monkeypatch.setattr(fused_decode, "step_weights", lambda *a, **k: None)
     prompts = [[1, 5, 9], [7, 3, 3, 2, 60]]
     n = 12
     stats: dict = {}
-    got, logprobs = engine.generate(model, prompts, n, temperature=0, backend="native", stats=stats,
-                                    return_logprobs=True)
+    got, logprobs = gptfast.generate(model, prompts, n, temperature=0, backend="native", stats=stats,
+                                     return_logprobs=True)
     assert stats["decode_step"] == ("native fused" if fused else "python"), stats
     for prompt, toks, lps in zip(prompts, got, logprobs):
         seq, want_lps = list(prompt), []

@@ -1,9 +1,10 @@
-"""KV-cached generation engine (gptfast.engine): equivalence with the no-cache reference
+"""KV-cached generation (gptfast.generation: the model's own forward with its static KV cache): equivalence with the no-cache reference
 (`generate_reference`, and independent loops written here), batching, seeds, streaming, stop
 tokens, log-probs, the repetition penalty, the block-size overflow modes and the CLI."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import GPT, GPTConfig, engine
-from gptfast.checkpoint import DEFAULT_MODEL_DIR, META_NAME
+from gptfast import GPT, GPTConfig, generation
+from gptfast.sampling import apply_repetition_penalty
+from gptfast.io.checkpoint import DEFAULT_MODEL_DIR, META_NAME
 from gptfast.generation import generate_reference
 
 
@@ -20,7 +22,7 @@ from gptfast.generation import generate_reference
 def _one_thread():
     """Correctness tests run single-threaded: on a shared, oversubscribed 2-core machine OpenMP's
     barriers make tiny multi-threaded ops up to 40x slower (measured: 30 s vs 0.8 s for a
-    100-token reference run). Speed is measured by `gptfast.bench_generate`, not here."""
+    100-token reference run). Speed is measured by `gptfast.bench.generate`, not here."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -92,8 +94,7 @@ def test_native_fused_step_gpt2_shape_batched_and_above_its_batch_limit():
 
 def _bf16_rounded(model: GPT) -> GPT:
     """A copy whose matrices (and the tied wte / LM head) hold bf16 values in fp32: what
-    weight_dtype='bf16' computes with. wpe, biases and LayerNorm stay as they are (the engine keeps
-    them fp32)."""
+    quantize(model, 'bf16') computes with. wpe, biases and LayerNorm stay as they are (fp32)."""
     r = GPT(model.config, backend=model.backend)
     r.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -106,15 +107,21 @@ def _bf16_rounded(model: GPT) -> GPT:
 @pytest.mark.parametrize("preset,overrides,n", [("shakespeare-char", {}, 200),
                                                 ("gpt2", dict(n_layer=2, block_size=32), 33)])
 def test_weight_only_bf16_equals_reference_on_rounded_weights(preset, overrides, n):
-    """weight_dtype='bf16' widens each bf16 weight exactly and does fp32 math, so it generates what
-    the reference generates with the weights rounded to bf16 (batched, different lengths, sliding)."""
+    """quantize(model, 'bf16') widens each bf16 weight exactly and does fp32 math, so it generates
+    what the reference generates with the weights rounded to bf16 (batched, different lengths,
+    sliding), on the fused native step and on the model's forward through every other backend."""
     model = _model(preset, backend="native", **overrides)
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
-    stats: dict = {}
-    got = gptfast.generate(model, prompts, n, temperature=0.0, weight_dtype="bf16", stats=stats)
-    assert stats["decode_step"] == "native fused" and stats["weight_dtype"] == "bfloat16"
     n_mat = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "wpe" not in name)
-    assert stats["weight_copy_bytes"] == 2 * n_mat  # one bf16 copy of each matrix, the tied head once
+    q = gptfast.quantize(copy.deepcopy(model), "bf16")
+    held = {t.data_ptr(): t for t in q.buffers() if t.dtype == torch.bfloat16}
+    assert sum(t.numel() * 2 for t in held.values()) == 2 * n_mat  # each matrix once in bf16, the tied head once
+    stats: dict = {}
+    got = gptfast.generate(q, prompts, n, temperature=0.0, stats=stats)
+    assert stats["decode_step"] == "native fused" and stats["weight_format"] == "bf16"
+    stats = {}
+    assert gptfast.generate(q, prompts, n, temperature=0.0, backend="torch", stats=stats) == got
+    assert stats["decode_step"] == "python"
     rounded = _bf16_rounded(model)
     for p, row in zip(prompts, got):
         want = generate_reference(rounded, torch.tensor([p]), n, temperature=0.0)
@@ -124,7 +131,7 @@ def test_weight_only_bf16_equals_reference_on_rounded_weights(preset, overrides,
 def test_weight_only_bf16_accuracy_on_the_shipped_model(shakespeare_path):
     """bf16 weights cost the shipped model < 0.5 % validation perplexity (measured: 4.6114 -> 4.6113
     on the first 20k characters of the validation split, i.e. nothing beyond noise)."""
-    from gptfast.checkpoint import default_model
+    from gptfast.io.checkpoint import default_model
     from gptfast.perplexity import sliding_window_perplexity
 
     model, tok = default_model()
@@ -145,7 +152,7 @@ def test_greedy_matches_reference_gpt2_shape(gpt2_small):
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / META_NAME).exists(), reason="no shipped shakespeare_char model yet")
 def test_greedy_matches_reference_shipped_model():
-    from gptfast.checkpoint import default_model
+    from gptfast.io.checkpoint import default_model
 
     model, tok = default_model()
     model.eval()
@@ -300,7 +307,7 @@ def test_repetition_penalty_equals_hugging_face_processor():
     seen = torch.zeros(3, 50, dtype=torch.bool)
     seen[torch.arange(3).unsqueeze(1), ids] = True
     want = transformers.RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone())
-    assert torch.equal(engine.apply_repetition_penalty(logits, seen, 1.7), want)
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.7), want)
 
 
 # ----------------------------------------------------------------------------- block size overflow
@@ -324,7 +331,7 @@ def test_overflow_slide_equals_reference_sampled(tiny):
 # ----------------------------------------------------------------------------- weights, dtype, args
 
 
-def test_weight_copies_follow_parameter_updates():
+def test_generation_follows_parameter_updates():
     m = _model("tiny", seed=3)
     idx = torch.tensor([[1, 2, 3]])
     m.generate(idx, 5, temperature=0.0)
@@ -337,22 +344,23 @@ def test_weight_copies_follow_parameter_updates():
 
 
 def test_bf16_logit_error_within_twice_plain_bf16(gpt2_small):
-    """bf16 weights/activations: the engine's next-token logits vs fp32 must be at most 2x as far
-    off as the model itself cast to bf16 (FlashAttention's rule), and greedy tokens mostly agree."""
+    """generate(dtype='bf16') on an fp32 model: the cached prompt pass's next-token logits vs fp32
+    must be at most 2x as far off as the model itself cast to bf16 (FlashAttention's rule)."""
     prompt = [[464, 3290, 318, 257, 1332, 11, 290]]
-    w32 = engine.decode_weights(gpt2_small, torch.float32)
-    w16 = engine.decode_weights(gpt2_small, torch.bfloat16)
-    fns32 = engine.resolve_ops("torch", "cpu", torch.float32, 64, 768)
-    fns16 = engine.resolve_ops("torch", "cpu", torch.bfloat16, 64, 768)
+    m32, _ = generation._in_dtype(gpt2_small, torch.float32)
+    m16, nbytes = generation._in_dtype(gpt2_small, torch.bfloat16)
+    assert m32 is gpt2_small and m16.dtype == torch.bfloat16 and nbytes > 0
 
-    def logits(w, fns, dtype):
-        kc = [torch.zeros(1, 12, 16, 64, dtype=dtype) for _ in range(2)]
-        vc = [torch.zeros_like(k) for k in kc]
-        with torch.inference_mode():
-            return engine.prefill(w, fns, kc, vc, torch.tensor(prompt), torch.tensor([7]))
+    def logits(m):
+        m.setup_caches(1, 16)
+        try:
+            with torch.inference_mode():
+                return generation.prefill(m, torch.tensor(prompt), torch.tensor([7]))
+        finally:
+            m.clear_caches()
 
-    ref = logits(w32, fns32, torch.float32)
-    got = logits(w16, fns16, torch.bfloat16)
+    ref = logits(m32)
+    got = logits(m16)
     plain = GPT(gpt2_small.config, backend="torch")
     plain.load_state_dict(gpt2_small.state_dict())
     plain = plain.to(torch.bfloat16).eval()
@@ -360,8 +368,8 @@ def test_bf16_logit_error_within_twice_plain_bf16(gpt2_small):
         base = plain(torch.tensor(prompt))[0][:, -1].float()
     err, base_err = (got - ref).abs().max().item(), (base - ref).abs().max().item()
     assert err <= 2 * base_err + 1e-3, (err, base_err)
-    # the copies are cached per model (one dtype at a time): asking again returns the same object
-    assert engine.decode_weights(gpt2_small, torch.bfloat16) is w16
+    # the copy is cached per model (one dtype at a time): asking again returns the same object
+    assert generation._in_dtype(gpt2_small, torch.bfloat16)[0] is m16
 
 
 def test_bad_arguments(tiny):
@@ -379,27 +387,17 @@ def test_bad_arguments(tiny):
         gptfast.generate(tiny, [[1]], -1)
     with pytest.raises(ValueError, match="dtype"):
         gptfast.generate(tiny, [[1]], 1, dtype="int8")
-    with pytest.raises(ValueError, match=r"weight_dtype='bf16' needs the native CPU kernels"):
-        gptfast.generate(tiny, [[1]], 1, weight_dtype="bf16", backend="torch")
-    with pytest.raises(ValueError, match=r"weight_dtype must be None, 'bf16' or the activation dtype, got 'fp16'"):
-        gptfast.generate(tiny, [[1]], 1, weight_dtype="fp16", backend="native")
-    with pytest.raises(ValueError, match=r"weight_dtype='bf16' .* is a CPU fp32 option"):
-        gptfast.generate(tiny.double(), [[1]], 1, weight_dtype="bf16", backend="native")
-    tiny.float()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['weight_dtype'\]"):
+        gptfast.generate(tiny, [[1]], 1, weight_dtype="bf16")
+    with pytest.raises(ValueError, match="pass sampling settings either as `sampling=` or as keywords"):
+        gptfast.generate(tiny, [[1]], 1, generation.SamplingParams(), top_k=3)
+    with pytest.raises(ValueError, match=r"quantize: fmt must be one of \('bf16',\), got 'int3'"):
+        gptfast.quantize(copy.deepcopy(tiny), "int3")
+    with pytest.raises(ValueError, match=r"quantize: 'bf16' weights keep fp32 activations; the model's dtype is torch.float64"):
+        gptfast.quantize(copy.deepcopy(tiny).double(), "bf16")
+    with pytest.raises(ValueError, match=r"dtype=torch.float64 on a model whose weights are in format 'bf16'"):
+        gptfast.generate(gptfast.quantize(copy.deepcopy(tiny), "bf16"), [[1]], 1, dtype=torch.float64)
     assert gptfast.generate(tiny, [[1], [2]], 0) == [[], []]
-
-
-@pytest.mark.slow
-def test_benchmark_generate_compiled_row():
-    """The compiled-engine contestant (on by default on CUDA) runs and is timed; on CPU it is
-    inductor, slow to compile, hence `slow`."""
-    from gptfast.bench_generate import benchmark_generate
-
-    rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=6, backends=("torch",),
-                              include_hf=False, include_reference=False, quick=True, threads=None,
-                              compiled_too=True)
-    by = {r["backend"]: r for r in rows}
-    assert by["engine[torch] compiled"]["status"] == "ok" and by["engine[torch] compiled"]["tokens_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -408,57 +406,6 @@ def test_compiled_decode_step_matches_eager(tiny):
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
     want = gptfast.generate(tiny, idx, 10, temperature=0.0)
     assert gptfast.generate(tiny, idx, 10, temperature=0.0, compile=True) == want
-
-
-def test_benchmark_generate_rows_schema():
-    from gptfast.bench_generate import benchmark_generate
-
-    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
-                              quick=True, threads=None, reference_tokens=2, peers=(), read_bw_bytes=64 << 20)
-    by = {r["backend"]: r for r in rows}
-    assert set(by) >= {"engine[torch]", "hf", "reference (no cache)", "bound"}
-    for r in rows:
-        assert r["status"] == "ok", r
-        assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
-    # "vs HF" is against the fastest Hugging Face configuration (mask / no mask / static cache)
-    base = [r for r in rows if r.get("hf_baseline")]
-    assert len(base) == 1 and base[0]["backend"].startswith("hf") and base[0]["speedup_vs_hf"] == 1.0
-    assert all(r["speedup_vs_hf"] <= 1.0 for r in rows if r["backend"].startswith("hf"))
-    assert 0 < by["engine[torch]"]["pct_of_bound"]
-
-    # The CLI prints these rows (`gptfast bench generate`): both table writers must take them.
-    from gptfast.bench import records
-    from gptfast.bench_generate import format_rows
-
-    assert "engine[torch]" in format_rows(rows)
-    assert "engine[torch]" in records.format_table(rows, "cpu", "generate")
-
-    # Hugging Face with its static cache (the GPU baseline; on by default on CUDA): a timed row, and
-    # every contestant gets its ratio to it
-    rows = benchmark_generate("tiny", batch_sizes=(2,), prompt_len=4, new_tokens=6, backends=("torch",),
-                              include_reference=False, quick=True, threads=None, hf_static=True, variants=False)
-    by = {r["backend"]: r for r in rows}
-    assert by["hf (static cache)"]["status"] == "ok" and by["hf (static cache)"]["speedup_vs_hf_static"] == 1.0
-    assert by["engine[torch]"]["speedup_vs_hf_static"] == pytest.approx(
-        by["engine[torch]"]["tokens_per_s"] / by["hf (static cache)"]["tokens_per_s"])
-    assert "vs HF static" in format_rows(rows)
-    assert "vs HF static" not in format_rows([{k: v for k, v in r.items() if k != "speedup_vs_hf_static"} for r in rows])
-
-    # native on CPU fp32: also its Python step and weight-only bf16, each a timed row
-    rows = benchmark_generate("tiny", batch_sizes=(1,), prompt_len=4, new_tokens=6, backends=("native",),
-                              include_hf=False, include_reference=False, quick=True, threads=None)
-    by = {r["backend"]: r for r in rows}
-    assert "fused step" in by["engine[native]"]["reason"]
-    for name in ("engine[native] python step", "engine[native] bf16 weights"):
-        assert by[name]["status"] == "ok" and by[name]["tokens_per_s"] > 0 and by[name]["pct_of_bound"] > 0
-    assert "greedy = fp32 engine for the first" in by["engine[native] bf16 weights"]["reason"]
-    assert "interleaved A/B" in by["engine[native] python step"]["reason"]
-    # held to its own (halved) weight bytes: % of bound per token/s is twice the fp32 engine's
-    ratio = lambda r: r["pct_of_bound"] / r["tokens_per_s"]  # noqa: E731
-    n = rows[0]["weight_bytes"]
-    kv = 2 * 2 * 64 * (4 + 6 / 2) * 4  # tiny: 2 layers x 64 wide, fp32 K/V at the mean length
-    assert ratio(by["engine[native] bf16 weights"]) / ratio(by["engine[native]"]) == pytest.approx(
-        (n / 2 + kv) / (n + kv), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -478,7 +425,7 @@ def test_cli_streams_and_reports_speed(tmp_path):
     proc = _cli("--prompt-file", str(f), *args)
     assert proc.returncode == 0, proc.stderr
     model = _model("tiny", backend="torch")  # the CLI's preset model: seed 0
-    from gptfast.checkpoint import default_tokenizer
+    from gptfast.io.checkpoint import default_tokenizer
 
     tok = default_tokenizer()
     want = generate_reference(model, torch.tensor([tok.encode("To be")]), 6, temperature=0.0)
@@ -489,12 +436,12 @@ def test_cli_streams_and_reports_speed(tmp_path):
     assert main(["generate", *args, "--prompt", "To be", "--num-samples", "2", "--seed", "1"]) == 0
     # weight-only bf16 on the native kernels: the reference's tokens with bf16-rounded matrices
     nat = [a if a != "torch" else "native" for a in args]
-    proc3 = _cli("--prompt", "To be", *nat, "--weight-dtype", "bf16")
+    proc3 = _cli("--prompt", "To be", *nat, "--quantize", "bf16")
     assert proc3.returncode == 0, proc3.stderr
     want16 = generate_reference(_bf16_rounded(_model("tiny", backend="native")), torch.tensor([tok.encode("To be")]),
                                 6, temperature=0.0)
     assert proc3.stdout == tok.decode(want16[0].tolist()) + "\n"
-    assert "weights bfloat16" in proc3.stderr
+    assert "weights bf16" in proc3.stderr
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -505,8 +452,7 @@ def test_cli_streams_and_reports_speed(tmp_path):
     (["--num-samples", "0"], "--num-samples"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--max-new-tokens", "200", "--overflow", "error"], "block_size"),
-    (["--weight-dtype", "bf16", "--dtype", "bf16"], "--weight-dtype bf16 needs --device cpu and --dtype fp32"),
-    (["--weight-dtype", "bf16", "--backend", "torch"], "weight_dtype='bf16' needs the native CPU kernels"),
+    (["--quantize", "bf16", "--dtype", "bf16"], "--quantize bf16 (bf16 weights, fp32 math) needs --dtype fp32"),
 ])
 def test_cli_errors_are_one_line(flags, needle, capsys):
     from gptfast.cli import main

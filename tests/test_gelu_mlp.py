@@ -117,7 +117,7 @@ def test_native_inference_path(M, C, F, C_out, bias, monkeypatch):
     assert_close(real(*x64), reference.gelu_mlp(*x64), atol=1e-12, rtol=1e-12, what="fp64")
 
 
-# Weight-only bf16 (the engine's weight_dtype="bf16"): gelu_mlp_infer takes bf16 weights with fp32 x
+# Weight-only bf16 (gptfast.quantize(model, "bf16")): gelu_mlp_infer takes bf16 weights with fp32 x
 # and must equal the reference run on the widened weights (the fp32 rule: the arithmetic is fp32). M <= 16 reads bf16 in the skinny kernel; M = 17 / 97 widen the weights for addmm.
 @pytest.mark.parametrize("M,C,F,C_out,bias", [(1, 768, 3072, 768, True), (3, 24, 72, 24, False),
                                               (16, 40, 130, 17, True), (17, 24, 72, 24, True),

@@ -151,3 +151,103 @@ def test_bigram_baseline_learns():
     assert loss.item() < 0.05
     out = m.generate(torch.tensor([[3]]), 5)
     assert out.shape == (1, 6)
+
+
+# ----------------------------------------------------------------------------- one forward, with a KV cache
+
+
+def _cached_model(backend="reference", **over):
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", block_size=16, dropout=0.0, **over)
+    return GPT(cfg, backend=backend).eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "native"])
+def test_prefill_then_decode_equals_the_plain_forward(backend):
+    """The cached forward (a prompt pass, then one token per row at its own position) gives the
+    logits the plain forward gives on the whole sequence, for right-padded prompts of different
+    lengths, and the cache's per-row lengths follow."""
+    m = _cached_model(backend)
+    seqs = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8]]
+    P = [5, 3]  # prompt lengths; the rest is fed one token at a time
+    m.setup_caches(2, 16)
+    with torch.no_grad():
+        toks = torch.tensor([s[:5] for s in seqs])
+        toks[1, 3:] = 0  # padding of the shorter prompt
+        lens = torch.tensor(P)
+        first, _ = m(toks, input_pos=torch.arange(5), lengths=lens, last_only=True)
+        assert first.shape == (2, 1, m.config.vocab_size)
+        assert m.kv_caches[0].lens.tolist() == P
+        got = [[first[0, 0]], [first[1, 0]]]
+        for step in range(3):
+            pos = torch.tensor([[P[0] + step], [P[1] + step]])
+            tok = torch.tensor([[seqs[0][P[0] + step]], [seqs[1][P[1] + step]]])
+            logits, _ = m(tok, input_pos=pos)
+            got[0].append(logits[0, 0])
+            got[1].append(logits[1, 0])
+        assert m.kv_caches[-1].lens.tolist() == [P[0] + 3, P[1] + 3]
+        for b, s in enumerate(seqs):
+            full, _ = m(torch.tensor([s]))
+            want = full[0, P[b] - 1:P[b] + 3]
+            torch.testing.assert_close(torch.stack(got[b]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_into_chosen_rows_leaves_the_others():
+    m = _cached_model()
+    m.setup_caches(3, 16)
+    with torch.no_grad():
+        m(torch.tensor([[1, 2, 3]] * 3), input_pos=torch.arange(3))
+        before = [c.k.clone() for c in m.kv_caches]
+        m(torch.tensor([[7, 7, 7, 7]]), input_pos=torch.arange(4), rows=torch.tensor([1]))
+    for c, old in zip(m.kv_caches, before):
+        assert torch.equal(c.k[0], old[0]) and torch.equal(c.k[2], old[2]) and not torch.equal(c.k[1], old[1])
+        assert c.lens.tolist() == [3, 4, 3]
+
+
+def test_cached_forward_bad_arguments_name_them():
+    m = _cached_model()
+    idx = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"input_pos needs a KV cache; call model.setup_caches"):
+        m(idx, input_pos=torch.arange(3))
+    with pytest.raises(ValueError, match=r"setup_caches: max_seq_length 17 exceeds the block size 16"):
+        m.setup_caches(1, 17)
+    with pytest.raises(ValueError, match=r"setup_caches: max_batch_size must be an int >= 1, got 0"):
+        m.setup_caches(0, 8)
+    m.setup_caches(2, 8)
+    with pytest.raises(ValueError, match=r"input_pos must be an int64 tensor, got torch.int32"):
+        m(idx, input_pos=torch.arange(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"a prompt pass starts at position 0"):
+        m(idx, input_pos=torch.arange(1, 4))
+    with pytest.raises(ValueError, match=r"input_pos must be \(T,\) = 0..T-1 for a prompt pass or \(B, 1\)"):
+        m(idx, input_pos=torch.arange(2))
+    with pytest.raises(ValueError, match=r"prompt length 9 exceeds the cache length 8"):
+        m(torch.ones(1, 9, dtype=torch.long), input_pos=torch.arange(9))
+    with pytest.raises(ValueError, match=r"a decode step takes idx \(B, 1\) and input_pos \(B, 1\) with B the cache's batch 2"):
+        m(torch.tensor([[1]]), input_pos=torch.tensor([[0]]))
+    with pytest.raises(ValueError, match=r"input_pos must lie in \[0, 8\) \(the cache length\), got \[0, 8\]"):
+        m(torch.tensor([[1], [2]]), input_pos=torch.tensor([[0], [8]]))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 3\], got \[4\]"):
+        m(idx, input_pos=torch.arange(3), lengths=torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 2\), got \[2\]"):
+        m(idx, input_pos=torch.arange(3), rows=torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"targets \(training\) and input_pos \(cached inference\) do not mix"):
+        m(idx, idx, input_pos=torch.arange(3))
+    with pytest.raises(ValueError, match=r"rows / lengths need input_pos"):
+        m(idx, lengths=torch.tensor([3]))
+    m.clear_caches()
+    assert m.kv_caches is None
+
+
+def test_cache_is_not_part_of_the_state_dict():
+    m = _cached_model()
+    keys = set(m.state_dict())
+    m.setup_caches(1, 8)
+    assert set(m.state_dict()) == keys
+
+
+def test_linear_layers_are_nn_linear_with_the_same_state_dict():
+    """The model's linears run through ops.linear but stay nn.Linear (isinstance, parameters,
+    state dict names), so nanoGPT / HF weights map one-to-one and optimizers see them."""
+    m = _cached_model()
+    assert isinstance(m.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    assert "transformer.h.0.mlp.c_fc.weight" in m.state_dict()

@@ -127,7 +127,7 @@ def test_engine_reports_the_step_with_nonfinite_logits():
     """The generation engine names the step and the row whose logits went non-finite (here a
     NaN position embedding at position 3) instead of sampling garbage."""
     from gptfast.config import GPTConfig
-    from gptfast.engine import generate
+    from gptfast.generation import generate
     from gptfast.model import GPT
 
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ def test_perplexity_cli_default_is_batched():
     assert sub.choices["perplexity"].get_default("batch_size") >= 32
 
 
-def test_threads_fit_the_free_cores():
+def test_threads_fit_the_free_cores(monkeypatch):
     """With another process burning a core, `fit_threads_to_free_cores` leaves that core alone
     (2 threads waiting on a descheduled sibling ran 2x slower than 1: gptfast/threads.py); with
     OMP_NUM_THREADS set it changes nothing."""
@@ -52,6 +52,7 @@ def test_threads_fit_the_free_cores():
 
     n = os.cpu_count() or 1
     old = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # tests/conftest.py sets it for the CLI tests
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, n - 1))]
     try:
         import time
@@ -61,11 +62,8 @@ def test_threads_fit_the_free_cores():
         got = fit_threads_to_free_cores(sample_s=0.5)
         assert got is not None and got[1] < n and torch.get_num_threads() == got[1], got
         torch.set_num_threads(n)
-        os.environ["OMP_NUM_THREADS"] = str(n)
-        try:
-            assert fit_threads_to_free_cores(sample_s=0.2) is None and torch.get_num_threads() == n
-        finally:
-            del os.environ["OMP_NUM_THREADS"]
+        monkeypatch.setenv("OMP_NUM_THREADS", str(n))
+        assert fit_threads_to_free_cores(sample_s=0.2) is None and torch.get_num_threads() == n
     finally:
         for b in burners:
             b.kill()

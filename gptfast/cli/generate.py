@@ -7,6 +7,7 @@ import sys
 
 from gptfast.cli._common import add_backend_arg, load_model_for_cli
 from gptfast.errors import UsageError, UserError
+from gptfast.quantize import FORMATS
 
 FIT_THREADS = True  # main() fits torch's threads to the free cores first (gptfast.threads)
 
@@ -14,7 +15,7 @@ FIT_THREADS = True  # main() fits torch's threads to the free cores first (gptfa
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate text (default: the embedded Shakespeare model)",
-        description="KV-cached generation (gptfast.engine), streamed as it is produced; "
+        description="KV-cached generation (gptfast.generation), streamed as it is produced; "
                     "tokens/s, ms/token and peak memory go to stderr at the end.",
     )
     src = p.add_mutually_exclusive_group()
@@ -41,9 +42,10 @@ def add_parser(sub) -> None:
                    help="past the block size: slide the context window (as the reference) or fail")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weights / activations / KV cache dtype (logits stay fp32)")
-    p.add_argument("--weight-dtype", default=None, choices=["bf16"],
-                   help="CPU, --dtype fp32, native kernels: hold the weight matrices in bf16 (half the "
-                        "bytes per token; widened exactly, fp32 math). See the README for its accuracy")
+    p.add_argument("--quantize", default=None, choices=list(FORMATS), metavar="FORMAT",
+                   help=f"hold the weight matrices in another format (gptfast.quantize; one of {list(FORMATS)}; "
+                        "default: %(default)s = the model's own). bf16: half the bytes per token, widened "
+                        "exactly, fp32 math (needs --dtype fp32). See the README for accuracy and speed")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: CUDA graphs, mode=reduce-overhead)")
@@ -81,7 +83,8 @@ def _peak_memory(device) -> str:
 def run(args) -> int:
     import torch
 
-    from gptfast.engine import _as_dtype, stream
+    from gptfast.generation import as_dtype, stream
+    from gptfast.quantize import quantize
 
     checks = [
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
@@ -103,17 +106,17 @@ def run(args) -> int:
         raise UserError("--device cuda: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if args.weight_dtype is not None and (device.type != "cpu" or args.dtype != "fp32"):
-        raise UserError(f"--weight-dtype {args.weight_dtype} needs --device cpu and --dtype fp32 (bf16 weights, "
-                        f"fp32 math), got --device {args.device} --dtype {args.dtype}; on CUDA use --dtype bf16")
+    if args.quantize == "bf16" and args.dtype != "fp32":
+        raise UserError(f"--quantize bf16 (bf16 weights, fp32 math) needs --dtype fp32, got --dtype {args.dtype}; "
+                        "--dtype bf16 alone already holds every weight in bf16")
     text = _read_prompt(args)
     model, tokenizer, what = load_model_for_cli(args)
     if args.backend:
         model.backend = args.backend
-    dtype = _as_dtype(args.dtype)
-    # On CUDA the model itself takes the dtype (no second copy); on CPU fp32 the engine keeps its
-    # own decode-layout copies, and for bf16/fp16 casts once (see gptfast.engine).
-    model = model.to(device=device, dtype=dtype if device.type == "cuda" else None).eval()
+    dtype = as_dtype(args.dtype)
+    model = model.to(device=device, dtype=dtype).eval()  # the command owns its model: no second copy
+    if args.quantize is not None:
+        quantize(model, args.quantize)
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give at least one character")
@@ -123,8 +126,7 @@ def run(args) -> int:
     steps = stream(
         model, [ids] * n, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
-        eot_token=tokenizer.eot_token, overflow=args.overflow, dtype=dtype, compile=args.compile,
-        stats=stats, weight_dtype=args.weight_dtype,
+        eot_token=tokenizer.eot_token, overflow=args.overflow, compile=args.compile, stats=stats,
     )
     # Run the setup and the first step before anything is printed: a bad request (an overflow
     # with --overflow error, an unavailable backend, non-finite logits) fails with nothing on stdout.
@@ -171,7 +173,7 @@ def run(args) -> int:
         f"prefill {1e3 * stats.get('prefill_s', 0.0):.1f} ms, {_peak_memory(device)}, "
         f"ops: {'+'.join(sorted(set(stats.get('backends', {}).values()))) or '-'}, "
         f"dtype {stats.get('dtype', args.dtype)}"
-        + (f", weights {stats['weight_dtype']}" if stats.get("weight_dtype") not in (None, stats.get("dtype")) else ""),
+        + (f", weights {stats['weight_format']}" if stats.get("weight_format") not in (None, stats.get("dtype")) else ""),
         file=sys.stderr,
     )
     return 0
