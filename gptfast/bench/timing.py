@@ -241,7 +241,7 @@ def measure_read_bandwidth(device_type: str = "cpu", nbytes: int | None = None, 
                 max_gbps=b["max_gbps"], spread_pct=b["spread_pct"], samples=b["samples"], methods=per,
                 buffer_mib=nbytes / 2**20, threads=threads,
                 method=(f"streaming read of {nbytes / 2**30:.2f} GiB, fastest of {len(methods)} methods "
-                        f"({', '.join(methods)}): {best} ({b['what']}), {per[best]['threads']} threads, "
+                        f"({', '.join(methods)}): {best} ({b['what']}), {per[best]['threads']} thread(s), "
                         f"best of {repeats}"))
 
 
