@@ -114,6 +114,7 @@ def test_bf16_weights_row_native():
     by = {r["backend"]: r for r in rows if r["op"] == "generate"}
     r16 = by["engine[native] bf16 weights"]
     assert r16["status"] == "ok" and r16["tokens_per_s"] > 0 and r16["pct_of_bound"] > 0, r16
+    assert r16["weight_format"] == "bf16"  # what generate() ran: the quantized copy
     assert "greedy = fp32 engine for the first" in r16["reason"]
     assert not any("python step" in r["backend"] for r in rows)  # no module global flipped
     ratio = lambda r: r["pct_of_bound"] / r["tokens_per_s"]  # noqa: E731

@@ -230,7 +230,7 @@ def benchmark_generate(
         want = generate(model, prompt, new_tokens, **kw)
         # greedy tokens identical to the fp32 engine's up to the first difference, fewest over rows
         # (random weights give near-flat logits, where any rounding eventually flips an argmax)
-        row(B, name, seconds=t, weight_scale=0.5, weights="bf16",
+        row(B, name, seconds=t, weight_scale=0.5, weights="bf16", weight_format=stats.get("weight_format"),
             reason=f"gptfast.quantize(model, 'bf16'): matrices bf16, fp32 math; greedy = fp32 engine for the "
                    f"first {agree(want, got)}/{new_tokens} tokens (min over rows)")
 
