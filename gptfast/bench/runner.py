@@ -182,7 +182,8 @@ def ops_footer(device: str, peaks: dict) -> list[str]:
     if peaks:
         lines.append(
             f"machine peaks measured in this run: copy {peaks['copy_gbps']:.1f} GB/s (read+write), "
-            f"read-only sum {peaks['read_gbps']:.1f} GB/s, matmul {peaks['matmul_gflops']:.1f} GFLOP/s "
+            f"read-only {peaks['read_gbps']:.1f} GB/s (fastest of several streaming reads, docs/PERF.md), "
+            f"matmul {peaks['matmul_gflops']:.1f} GFLOP/s "
             f"({peaks['matmul_shape']}), fastest of a few runs each; % peak = FLOP rows / matmul peak, "
             "byte rows / max(copy, read)")
         sheet = peaks.get("datasheet")
