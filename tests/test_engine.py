@@ -128,6 +128,22 @@ def test_weight_only_bf16_equals_reference_on_rounded_weights(preset, overrides,
         assert row == want[0, len(p):].tolist(), _first_diff(torch.tensor([row]), want[:, len(p):])
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bf16_swap_is_the_model_on_rounded_weights(backend):
+    """quantize(model, 'bf16') holds every matrix and the tied embedding in bf16 (one tensor for
+    wte and the head) and its forward is the fp32 model's on bf16-rounded weights, exactly."""
+    model = _model("gpt2", backend=backend, n_layer=2, block_size=32)
+    q = gptfast.quantize(copy.deepcopy(model), "bf16")
+    assert q.transformer.wte.weight is q.lm_head.weight and q.lm_head.weight.dtype == torch.bfloat16
+    for blk in q.transformer.h:
+        for lin in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
+            assert lin.weight.dtype == torch.bfloat16 and lin.bias.dtype == torch.float32
+    assert q.transformer.wpe.weight.dtype == torch.float32 and q.dtype == torch.float32
+    idx = torch.tensor([[464, 3290, 318, 257, 1332], [11, 290, 262, 2068, 7586]])
+    with torch.no_grad():
+        assert torch.equal(q(idx)[0], _bf16_rounded(model)(idx)[0])
+
+
 def test_weight_only_bf16_accuracy_on_the_shipped_model(shakespeare_path):
     """bf16 weights cost the shipped model < 0.5 % validation perplexity (measured: 4.6114 -> 4.6113
     on the first 20k characters of the validation split, i.e. nothing beyond noise)."""
