@@ -318,3 +318,26 @@ def test_bench_all_quick_every_backend(tmp_path, capsys):
     rows = _check_history_schema(tmp_path / "history.jsonl")
     assert {r["suite"] for r in rows} >= {"ops", "ops-scaling", "generate", "train"}
     assert {r["backend"] for r in rows if r["suite"] == "ops"} == set(runner.BACKENDS)
+
+
+def test_triton_gpu_script_smoke_uses_the_bench_formulas(tmp_path):
+    """`python -m gptfast.bench.triton_gpu --smoke` (CPU self-test): its throughput is the bench's
+    work formula over the median time (one FLOP formula, one harness), rows checked vs fp64."""
+    from gptfast.bench import triton_gpu
+
+    out = tmp_path / "tg.json"
+    assert triton_gpu.main(["--smoke", "--ops", "attention", "decode_attention", "--providers", "torch",
+                            "reference", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["smoke"] is True and doc["meta"]["git_sha"]
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["results"]}
+    B, H, T, D = 1, 2, 33, 16
+    for mode in ("fwd", "fwd+bwd"):
+        r = rows[("causal_attention", mode, "torch")]
+        assert r["shape"] == [B, H, T, D]
+        assert r["rate"] == pytest.approx(C.attention_flops(B, H, T, D, mode) / (r["ms_median"] * 1e-3) / 1e12)
+    assert rows[("causal_attention", "fwd", "torch")]["accuracy"] == "ok"
+    r = rows[("decode_attention", "fwd", "torch")]
+    B, H, T_max, D, Tq = r["shape"]
+    lens = [T_max * 3 // 4 if i % 2 == 0 else T_max for i in range(B)]  # the script's ragged batch
+    assert r["rate"] == pytest.approx(C.decode_bytes(B, H, D, lens, 2, Tq) / (r["ms_median"] * 1e-3) / 1e9)
