@@ -31,10 +31,11 @@ from typing import Iterator
 import torch
 
 from gptfast.errors import UserError
+from gptfast.ops.quant import check_quantized
 from gptfast.ops.reference import draw_uniform
 
 BACKENDS = ("reference", "torch", "native", "triton")
-OPS = ("causal_attention", "layer_norm", "gelu_mlp", "linear", "decode_attention", "sample")
+OPS = ("causal_attention", "layer_norm", "gelu_mlp", "linear", "decode_attention", "sample", "quantized_linear")
 _AUTO_ORDER = ("triton", "native", "torch", "reference")
 _ACTIVATIONS = ("gelu_tanh", "gelu")  # gelu_mlp's; = gptfast.config.ACTIVATIONS
 _MODULES = {
@@ -362,6 +363,53 @@ def linear(
     return fn(x, weight, bias)
 
 
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int,
+    group_size: int | None,
+    act_int8: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x w^T + bias with w a quantized weight (issue #20; formats and layouts: `gptfast.ops.quant`).
+
+    x: (..., K) floating point (fp32 on CPU; fp32/bf16/fp16 on CUDA; the reference also takes
+    fp64). qweight: int8 (N, K) for bits=8, or uint8 (N, K/2) packed int4 for bits=4; scale:
+    float32 (N,) per output channel (bits=8, group_size=None) or float16 (N, K/group_size);
+    zero: float16 (N, K/group_size) (int4 with a zero point) or None; bias: (N,) in x's dtype or
+    None; all on x's device, qweight / scale / zero contiguous. group_size: None or one of
+    `quant.GROUP_SIZES` (int4 needs one). act_int8: the native CPU option that quantizes the
+    activations per row to int8 on the fly (as llama.cpp does for q8_0 x q8_0); the other backends
+    compute weight-only and ignore it. Returns (..., N) in x's dtype; the truth is
+    `reference.quantized_linear` (dequantize to x's dtype, then x w^T + b). Inference only.
+    """
+    op = "quantized_linear"
+    _check_tensor("x", x, op)
+    _check_float("x", x, op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be (..., K), got a 0-D tensor")
+    if not isinstance(act_int8, bool):
+        raise TypeError(f"{op}: act_int8 must be a bool, got {type(act_int8).__name__}")
+    N, K = check_quantized(op, qweight, scale, zero, bits, group_size)
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"{op}: x must be (..., {K}) to match qweight {tuple(qweight.shape)} (bits={bits}: "
+            f"K = {qweight.shape[1]} x {8 // bits}), got shape {tuple(x.shape)}"
+        )
+    if qweight.device != x.device:
+        raise ValueError(f"{op}: qweight must be on x's device {x.device}, got {qweight.device}")
+    _check_same(op, "x", x, bias=bias)
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{op}: bias must have shape ({N},), got {tuple(bias.shape)}")
+    fn = resolved(op, x.device.type, backend, dtype=x.dtype, bits=bits, group_size=group_size,
+                  zero=zero is not None, act_int8=act_int8)
+    return fn(x, qweight, scale, zero, bias, bits=bits, group_size=group_size, act_int8=act_int8)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -511,6 +559,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "nonfinite_logit_rows",
+    "quantized_linear",
     "requested_backend",
     "resolve",
     "resolved",

@@ -144,6 +144,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int,
+    group_size: int | None,
+    act_int8: bool = False,
+) -> torch.Tensor:
+    """x w^T + bias with w = `quant.dequantize_weight(qweight, scale, zero, bits, group_size)` in
+    x's dtype (the formats: `gptfast.ops.quant`). x (..., K) -> (..., N) in x's dtype. Weight-only
+    math: `act_int8` (a native CPU option) is ignored."""
+    from gptfast.ops.quant import dequantize_weight
+
+    w = dequantize_weight(qweight, scale, zero, bits, group_size, x.dtype)  # (N, K)
+    y = x @ w.t()  # (..., N)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gptfast.ops import reference
+from gptfast.ops import quant, reference
 
 
 def availability(device_type: str) -> str | None:
@@ -50,6 +50,24 @@ def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, activation="gelu_tanh"):
 
 def linear(x, weight, bias=None):
     return F.linear(x, weight.to(x.dtype), bias)  # .to: weight-only bf16 (exact widening)
+
+
+def quantized_linear(x, qweight, scale, zero=None, bias=None, *, bits, group_size, act_int8=False):
+    """int8 per channel on CPU: `torch._weight_int8pack_mm` (what gpt-fast's int8 path lowers
+    to), which takes 2-D x in float32 / bfloat16 / float16 with a contiguous last dim and scales
+    in x's dtype (checked on torch 2.13 CPU). Else: dequantize, then `F.linear`. `act_int8` is
+    ignored (weight-only math)."""
+    K = x.shape[-1]
+    if (bits == 8 and group_size is None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel() > 0):
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = torch._weight_int8pack_mm(x2, qweight, scale.to(x.dtype))
+        y = y.view(*x.shape[:-1], qweight.shape[0])
+        return y if bias is None else y + bias
+    w = quant.dequantize_weight(qweight, scale, zero, bits, group_size, x.dtype)
+    return F.linear(x, w, bias)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
