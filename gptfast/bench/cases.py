@@ -16,6 +16,8 @@ Work formulas (stated again under the printed tables):
   decode attention       bytes = (2 * H * D * sum(cache_lens) + 2 * B * H * Tq * D) * e
                                  (K and V of the valid cache prefix, read q, write out)
   sampling               bytes = B * V * e                      (the logits, read once)
+  quantized linear       bytes = N * K * bits / 8 + scale / zero bytes + (M * K + M * N) * e
+                                 (the packed weight and its scales read once, x read, y written)
 e = bytes per element of the benchmark dtype. Bias / GELU FLOPs and softmax exponentials are left
 out (they are < 1 % of the matmul FLOPs at these shapes), as in FlashAttention's benchmarks.
 """
@@ -58,6 +60,14 @@ def decode_bytes(B: int, H: int, D: int, cache_lens: list[int], elem: int, Tq: i
 def sampling_bytes(B: int, V: int, elem: int) -> float:
     """Bytes a sampler must read: the (B, V) logits once."""
     return float(B * V * elem)
+
+
+def quantized_linear_bytes(M: int, N: int, K: int, bits: int, group_size: int | None, zero: bool,
+                           elem: int) -> float:
+    """Bytes a quantized linear (M, K) x (N, K)^T must move: the packed weight (bits / 8 bytes per
+    weight) and its scales (fp32 per channel, fp16 per group) and zeros once, x read, y written."""
+    scales = N * 4 if group_size is None else N * (K // group_size) * 2 * (2 if zero else 1)
+    return float(N * K * bits // 8 + scales + (M * K + M * N) * elem)
 
 
 # --------------------------------------------------------------------------- the case table

@@ -23,7 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-OPS = ("attention", "layer_norm", "gelu_mlp", "decode_attention", "sample")
+OPS = ("attention", "layer_norm", "gelu_mlp", "decode_attention", "sample", "quantized_linear")
+# quantized_linear formats timed (gptfast.quantize names -> (bits, group_size, zero point))
+QUANT_FORMATS = {"int8": (8, None, False), "int8-g32": (8, 32, False), "int4-g32": (4, 32, False),
+                 "int4-g128-zp": (4, 128, True)}
 PROVIDERS = ("triton", "torch", "native", "reference")
 
 
@@ -214,7 +217,48 @@ def main(argv=None) -> int:
             run("sample", (B, V, temp, top_k, top_p), "fwd",
                 lambda prov: (lambda: ops.sample(logits, temp, top_k, top_p, gen, backend=prov)), 0, "us", "sample", call)
 
+    # ---- quantized linear (#20): weight-only int8 / int4 decode GEMV and small-M GEMM. Memory bound:
+    # GB/s over the packed weight + scales + x + y (cases.quantized_linear_bytes), and % of the read
+    # bandwidth measured in the same run (timing.measure_read_bandwidth: a 1 GiB streaming read).
+    # A dense fp16/bf16 F.linear row of the same shape ("dense", torch) shows what the bytes saved buy.
+    read_peak = None
+    if "quantized_linear" in args.ops:
+        from gptfast.bench.timing import measure_read_bandwidth
+        from gptfast.ops import quant
+
+        read_peak = measure_read_bandwidth(dev, nbytes=(1 << 24) if args.smoke else None,
+                                           repeats=2 if args.smoke else 7)
+        print(f"read bandwidth (the bound): {read_peak['gbps']:.1f} GB/s ({read_peak['method']})")
+        shapes = first([(1, 4096, 4096), (8, 4096, 4096), (64, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008),
+                        (1, 2304, 768), (8, 3072, 768), (1, 768, 3072), (16, 50304, 768)], (1, 37, 256))
+        if args.smoke:
+            shapes += [(5, 37, 256)]  # the tl.dot path too
+        for M, N, K in shapes:
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            w = torch.randn(N, K, device=dev) * K ** -0.5
+            for fmt, (bits, g, zp) in QUANT_FORMATS.items():
+                qweight, scale, zero = quant.quantize_weight(w, bits, g, zp)
+                nbytes = cases.quantized_linear_bytes(M, N, K, bits, g, zp, x.element_size())
+                call = dict(dtype=dtype, bits=bits, group_size=g, zero=zp, act_int8=False)
+                run(f"quantized_linear {fmt}", (M, N, K), "fwd",
+                    lambda prov: (lambda: ops.quantized_linear(x, qweight, scale, zero, bits=bits, group_size=g,
+                                                               backend=prov)),
+                    nbytes, "GB/s", "quantized_linear", call,
+                    truth=lambda: ops.quantized_linear(x.double(), qweight, scale, zero, bits=bits, group_size=g,
+                                                       backend="reference"))
+            wd = w.to(dtype)
+            run("linear dense", (M, N, K), "fwd", lambda prov: (lambda: ops.linear(x, wd, backend=prov)),
+                float((N * K + M * K + M * N) * x.element_size()), "GB/s", "linear",
+                dict(dtype=dtype, weight_dtype=dtype), providers=["torch"])
+            del w, wd
+        for r in rows:
+            if r["op"].startswith(("quantized_linear", "linear dense")) and r.get("rate") is not None:
+                r["pct_of_read_bandwidth"] = 100.0 * r["rate"] / read_peak["gbps"]
+                print(f"{r['op']:26s} {str(r['shape']):18s} {r['provider']:9s} {r['pct_of_read_bandwidth']:6.1f} % "
+                      "of the read bandwidth")
+
     meta = {
+        "read_bandwidth": read_peak,
         "gpu": "none (--smoke: CPU interpreter)" if args.smoke else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,

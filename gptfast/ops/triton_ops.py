@@ -81,6 +81,14 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight.to(x.dtype), bias)
 
 
+def quantized_linear(x, qweight, scale, zero=None, bias=None, *, bits, group_size, act_int8=False):
+    # Weight-only int8 / int4 GEMV and small-M GEMM dequantizing in registers (kernels/quant_linear.py).
+    # act_int8 is the native CPU's activation-quantizing option: ignored here (weight-only math),
+    # as the torch backend ignores it.
+    return _kernels("quant_linear").quantized_linear(x, qweight, scale, zero, bias, bits=bits,
+                                                     group_size=group_size)
+
+
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
     return _kernels("decode_attention").decode_attention(q, k_cache, v_cache, cache_lens, scale)
 
