@@ -39,12 +39,28 @@ TORCH_LIBRARY(gptfast, m) {
   // wpe (block_size, C); the block weights by name, one list per kind with one entry per block
   // (nn.Linear layouts; matrices fp32 or bf16, the rest fp32; Tensor? = may be None); w_head (V, C);
   // caches per block (B, H, T_max, D) fp32, K/V written at pos; exact_gelu as gelu_mlp's exact.
+  // Quantized matrices (issue #20): bits 8 / 4 = the block matrices w_* are quantized_linear's qweights
+  // in one format (bits, group_size; 0 = per channel), with s_* (one scale per layer) and z_* (zeros:
+  // empty or one per layer, entries may be None); bits 0 = float matrices, s_* and z_* empty. The
+  // head likewise with head_bits / head_group_size / s_head / z_head; act_int8 as quantized_linear's.
   // Returns (B, V) fp32 logits. Python: gptfast.ops.native.decode_step / DecodeStepWeights.
   m.def(
       "decode_step(Tensor tokens, Tensor pos, Tensor wte, Tensor wpe, Tensor?[] ln1_w, Tensor?[] ln1_b, "
       "Tensor[] w_qkv, Tensor?[] b_qkv, Tensor[] w_o, Tensor?[] b_o, Tensor?[] ln2_w, Tensor?[] ln2_b, "
       "Tensor[] w_fc, Tensor?[] b_fc, Tensor[] w_proj, Tensor?[] b_proj, Tensor? lnf_w, Tensor? lnf_b, "
-      "Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps, bool exact_gelu=False) -> Tensor");
+      "Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor?[] s_qkv, Tensor?[] z_qkv, "
+      "Tensor?[] s_o, Tensor?[] z_o, Tensor?[] s_fc, Tensor?[] z_fc, Tensor?[] s_proj, Tensor?[] z_proj, "
+      "Tensor? s_head, Tensor? z_head, float eps, bool exact_gelu=False, int bits=0, int group_size=0, "
+      "int head_bits=0, int head_group_size=0, bool act_int8=False) -> Tensor");
+  // x: (M, K) fp32 (CUDA: fp32 / bf16 / fp16); qweight: int8 (N, K) (bits 8) or uint8 (N, K/2) packed
+  // int4 (bits 4); scale: fp32 (N,) (group_size 0 = per output channel, int8 only) or fp16 (N, K/g);
+  // zero: fp16 (N, K/g) (int4 with a zero point) or None; bias: (N,) x's dtype or None. Returns
+  // x w^T + bias (M, N) in x's dtype, w the dequantized weight (formats: gptfast/ops/quant.py).
+  // act_int8 (CPU, int8 formats): activations quantized per row and 32-block to int8 (llama.cpp q8_0);
+  // see csrc/cpu/quant_linear.cpp.
+  m.def(
+      "quantized_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? bias, int bits, "
+      "int group_size, bool act_int8) -> Tensor");
   // q: (B, H, Tq, D); caches: (B, H, T_max, D); cache_lens: (B,) int64. See gptfast/ops/reference.py.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // logits: (B, V); uniform: (B,) fp32 draws in [0, 1) made by the caller (torch.rand with the user's

@@ -105,11 +105,14 @@ def test_applies_only_where_it_computes_the_same():
 def _args(w, kc, vc, tokens, pos):
     d = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
     d.update(tokens=tokens, pos=pos, k_cache=kc, v_cache=vc)
+    d.update(group_size=d["group_size"] or 0, head_group_size=d["head_group_size"] or 0)  # None: per channel
     return d
 
 
 _ORDER = ("tokens", "pos", "wte", "wpe", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w", "ln2_b",
-          "w_fc", "b_fc", "w_proj", "b_proj", "lnf_w", "lnf_b", "w_head", "k_cache", "v_cache", "eps", "exact_gelu")
+          "w_fc", "b_fc", "w_proj", "b_proj", "lnf_w", "lnf_b", "w_head", "k_cache", "v_cache",
+          "s_qkv", "z_qkv", "s_o", "z_o", "s_fc", "z_fc", "s_proj", "z_proj", "s_head", "z_head",
+          "eps", "exact_gelu", "bits", "group_size", "head_bits", "head_group_size", "act_int8")
 
 
 def _call(a):

@@ -28,6 +28,7 @@
 #include <cstring>
 
 #include "cpu_ops.h"
+#include "quant_linear.h"
 #include "skinny_linear.h"
 
 namespace gptfast {
@@ -35,10 +36,18 @@ namespace {
 
 constexpr const char* kOp = "decode_step";
 
-// A weight matrix of block `layer`, named by its list (`w_qkv`, ...). rows < 0: any (F).
-void check_matrix(const at::Tensor& t, int64_t layer, const char* name, int64_t rows, int64_t cols) {
+// A weight matrix of block `layer`, named by its list (`w_qkv`, ...). rows < 0: any (F). bits != 0: a
+// quantized matrix (int8 (rows, cols) / packed uint8 (rows, cols / 2)), its dtype and layout checked
+// by quantized_linear.
+void check_matrix(const at::Tensor& t, int64_t layer, const char* name, int64_t rows, int64_t cols, int64_t bits) {
   TORCH_CHECK(t.device().is_cpu(), kOp, ": layer ", layer, " ", name, " must be a CPU tensor, got device ",
               t.device());
+  if (bits != 0) {
+    TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) * (8 / bits) == cols, kOp, ": layer ",
+                layer, " ", name, " must be a quantized matrix of shape (", rows < 0 ? std::string("F") : std::to_string(rows),
+                ", ", cols, " / ", 8 / bits, ") for bits = ", bits, ", got ", t.sizes());
+    return;
+  }
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, kOp, ": layer ", layer, " ", name,
               " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == cols, kOp, ": layer ", layer, " ",
@@ -88,8 +97,12 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
                        at::TensorList w_o, const OptList& b_o, const OptList& ln2_w, const OptList& ln2_b,
                        at::TensorList w_fc, const OptList& b_fc, at::TensorList w_proj, const OptList& b_proj,
                        const c10::optional<at::Tensor>& lnf_w, const c10::optional<at::Tensor>& lnf_b,
-                       const at::Tensor& w_head, at::TensorList k_cache, at::TensorList v_cache, double eps,
-                       bool exact_gelu) {
+                       const at::Tensor& w_head, at::TensorList k_cache, at::TensorList v_cache, const OptList& s_qkv,
+                       const OptList& z_qkv, const OptList& s_o, const OptList& z_o, const OptList& s_fc,
+                       const OptList& z_fc, const OptList& s_proj, const OptList& z_proj,
+                       const c10::optional<at::Tensor>& s_head, const c10::optional<at::Tensor>& z_head, double eps,
+                       bool exact_gelu, int64_t bits, int64_t group_size, int64_t head_bits, int64_t head_group_size,
+                       bool act_int8) {
   // ---- inputs: every one checked here, before anything is written to the caches
   TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
               ": tokens must be a 1-D int64 CPU tensor (B,), got ", tokens.scalar_type(), " ", tokens.sizes(), " on ",
@@ -122,6 +135,28 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   check_len("b_fc", b_fc.size(), L);
   check_len("w_proj", w_proj.size(), L);
   check_len("b_proj", b_proj.size(), L);
+  // Quantized matrices (bits 8 / 4): every block's four linears in one format, scales (and zeros)
+  // one per layer; bits 0: none (the scale / zero lists empty). The head has its own format.
+  TORCH_CHECK(bits == 0 || bits == 8 || bits == 4, kOp, ": bits must be 0 (float matrices), 8 or 4, got ", bits);
+  TORCH_CHECK(head_bits == 0 || head_bits == 8 || head_bits == 4, kOp,
+              ": head_bits must be 0 (a float w_head), 8 or 4, got ", head_bits);
+  for (const auto& [name, lst] : {std::pair<const char*, const OptList&>{"s_qkv", s_qkv}, {"s_o", s_o},
+                                  {"s_fc", s_fc}, {"s_proj", s_proj}, {"z_qkv", z_qkv}, {"z_o", z_o},
+                                  {"z_fc", z_fc}, {"z_proj", z_proj}}) {
+    if (bits == 0) {
+      TORCH_CHECK(lst.size() == 0, kOp, ": ", name, " must be empty when bits = 0 (float matrices), got ",
+                  lst.size(), " entries");
+    } else if (name[0] == 's' || lst.size() != 0) {  // zeros: empty = none
+      check_len(name, lst.size(), L);
+    }
+    if (bits != 0 && name[0] == 's')
+      for (int64_t l = 0; l < L; ++l)
+        TORCH_CHECK(lst.get(l).has_value(), kOp, ": layer ", l, " ", name, " must be a tensor (bits = ", bits,
+                    "), got None");
+  }
+  TORCH_CHECK(head_bits == 0 ? !s_head.has_value() && !z_head.has_value() : s_head.has_value(), kOp,
+              head_bits == 0 ? ": s_head and z_head must be None when head_bits = 0 (a float w_head)"
+                             : ": s_head must be a tensor when head_bits != 0");
   int64_t H = 0, T_max = 0, D = 0;
   for (int64_t l = 0; l < L; ++l) {
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache[l]},
@@ -151,27 +186,57 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   for (int64_t l = 0; l < L; ++l) {
     check_vector(ln1_w.get(l), l, "ln1_w", C);
     check_vector(ln1_b.get(l), l, "ln1_b", C);
-    check_matrix(w_qkv[l], l, "w_qkv", 3 * C, C);
+    check_matrix(w_qkv[l], l, "w_qkv", 3 * C, C, bits);
     check_vector(b_qkv.get(l), l, "b_qkv", 3 * C);
-    check_matrix(w_o[l], l, "w_o", C, C);
+    check_matrix(w_o[l], l, "w_o", C, C, bits);
     check_vector(b_o.get(l), l, "b_o", C);
     check_vector(ln2_w.get(l), l, "ln2_w", C);
     check_vector(ln2_b.get(l), l, "ln2_b", C);
-    check_matrix(w_fc[l], l, "w_fc", -1, C);
+    check_matrix(w_fc[l], l, "w_fc", -1, C, bits);
     const int64_t F = w_fc[l].size(0);
     check_vector(b_fc.get(l), l, "b_fc", F);
-    check_matrix(w_proj[l], l, "w_proj", C, F);
+    check_matrix(w_proj[l], l, "w_proj", C, F, bits);
     check_vector(b_proj.get(l), l, "b_proj", C);
     TORCH_CHECK(w_fc[l].scalar_type() == w_proj[l].scalar_type(), kOp, ": layer ", l,
                 " w_fc and w_proj must have the same dtype, got ", w_fc[l].scalar_type(), " and ",
                 w_proj[l].scalar_type());
+    // Scales / zeros: their shapes and dtypes are checked by quantized_linear (errors name scale /
+    // zero, this message names the layer): checked here on a zero-row x, before any cache is written.
+    if (bits != 0) {
+      const std::pair<const char*, const at::Tensor*> mats[] = {{"qkv", &w_qkv[l]}, {"o", &w_o[l]},
+                                                                 {"fc", &w_fc[l]}, {"proj", &w_proj[l]}};
+      const OptList* ss[] = {&s_qkv, &s_o, &s_fc, &s_proj};
+      const OptList* zs[] = {&z_qkv, &z_o, &z_fc, &z_proj};
+      for (int i = 0; i < 4; ++i) {
+        const at::Tensor& q = *mats[i].second;
+        const c10::optional<at::Tensor> z = zs[i]->size() ? zs[i]->get(l) : c10::nullopt;
+        try {
+          quantized_linear(at::empty({0, q.size(1) * (8 / bits)}, wpe.options()), q, *ss[i]->get(l), z,
+                           c10::nullopt, bits, group_size, act_int8);
+        } catch (const c10::Error& e) {
+          TORCH_CHECK(false, kOp, ": layer ", l, " w_", mats[i].first, " / s_", mats[i].first, " / z_",
+                      mats[i].first, ": ", e.what_without_backtrace());
+        }
+      }
+    }
   }
   check_vector(lnf_w, -1, "lnf_w", C);
   check_vector(lnf_b, -1, "lnf_b", C);
-  TORCH_CHECK(w_head.device().is_cpu() && w_head.dim() == 2 && w_head.size(1) == C &&
-                  (w_head.scalar_type() == at::kFloat || w_head.scalar_type() == at::kBFloat16),
-              kOp, ": w_head must be a float32 or bfloat16 CPU tensor of shape (V, ", C, "), got ",
-              w_head.scalar_type(), " ", w_head.sizes(), " on ", w_head.device());
+  if (head_bits == 0) {
+    TORCH_CHECK(w_head.device().is_cpu() && w_head.dim() == 2 && w_head.size(1) == C &&
+                    (w_head.scalar_type() == at::kFloat || w_head.scalar_type() == at::kBFloat16),
+                kOp, ": w_head must be a float32 or bfloat16 CPU tensor of shape (V, ", C, "), got ",
+                w_head.scalar_type(), " ", w_head.sizes(), " on ", w_head.device());
+  } else {
+    TORCH_CHECK(w_head.dim() == 2 && w_head.size(1) * (8 / head_bits) == C, kOp, ": w_head must be a quantized ",
+                "matrix (V, ", C, " / ", 8 / head_bits, ") for head_bits = ", head_bits, ", got shape ", w_head.sizes());
+    try {
+      quantized_linear(at::empty({0, C}, wpe.options()), w_head, *s_head, z_head, c10::nullopt, head_bits,
+                       head_group_size, act_int8);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, kOp, ": w_head / s_head / z_head: ", e.what_without_backtrace());
+    }
+  }
   TORCH_CHECK(std::isfinite(eps) && eps > 0, kOp, ": eps must be a positive finite number, got ", eps);
 
   // ---- the forward (see the header comment)
@@ -179,18 +244,31 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   x.add_(wpe.index_select(0, ps));
   const at::Tensor lens = ps + 1;  // each row attends to positions 0..pos[b]
   const double scale = D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0;
+  // A block's linear: skinny_linear on a float matrix, quantized_linear on a quantized one (the
+  // kernels QuantLinear's forward calls through the native backend).
+  auto linear = [&](const at::Tensor& in, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                    const OptList& s, const OptList& z, int64_t l) {
+    if (bits == 0) return skinny_linear(in, w, b);
+    return quantized_linear(in, w, *s.get(l), z.size() ? z.get(l) : c10::nullopt, b, bits, group_size, act_int8);
+  };
   for (int64_t l = 0; l < L; ++l) {
     at::Tensor kc = k_cache[l], vc = v_cache[l];
     at::Tensor h = std::get<0>(layer_norm_fwd(x, ln1_w.get(l), ln1_b.get(l), eps));
-    const at::Tensor qkv = skinny_linear(h, w_qkv[l], b_qkv.get(l));  // (B, 3C)
+    const at::Tensor qkv = linear(h, w_qkv[l], b_qkv.get(l), s_qkv, z_qkv, l);  // (B, 3C)
     write_kv(qkv, kc, vc, pp);
     const at::Tensor q = qkv.view({B, 3, H, D}).select(1, 0).unsqueeze(2);  // (B, H, 1, D) view
     const at::Tensor y = decode_attention_cpu(q, kc, vc, lens, scale);     // (B, H, 1, D) contiguous
-    x.add_(skinny_linear(y.view({B, C}), w_o[l], b_o.get(l)));
+    x.add_(linear(y.view({B, C}), w_o[l], b_o.get(l), s_o, z_o, l));
     h = std::get<0>(layer_norm_fwd(x, ln2_w.get(l), ln2_b.get(l), eps));
-    x.add_(gelu_mlp_infer(h, w_fc[l], b_fc.get(l), w_proj[l], b_proj.get(l), exact_gelu));
+    if (bits == 0) {
+      x.add_(gelu_mlp_infer(h, w_fc[l], b_fc.get(l), w_proj[l], b_proj.get(l), exact_gelu));
+    } else {  // the model's MLP on quantized linears: c_fc, F.gelu, c_proj (the same ATen GELU)
+      const at::Tensor a = at::gelu(linear(h, w_fc[l], b_fc.get(l), s_fc, z_fc, l), exact_gelu ? "none" : "tanh");
+      x.add_(linear(a, w_proj[l], b_proj.get(l), s_proj, z_proj, l));
+    }
   }
   x = std::get<0>(layer_norm_fwd(x, lnf_w, lnf_b, eps));
+  if (head_bits != 0) return quantized_linear(x, w_head, *s_head, z_head, c10::nullopt, head_bits, head_group_size, act_int8);
   return skinny_linear(x, w_head, c10::nullopt);  // (B, V) fp32
 }
 

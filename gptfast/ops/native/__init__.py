@@ -61,6 +61,11 @@ def unsupported(op: str, device_type: str = "cpu", dtype: torch.dtype | None = N
         return f"native CUDA {op} supports float32, float16 and bfloat16, got {dtype}"
     if op in _ATTENTION_OPS:
         return _attention.unsupported(op, device_type=device_type, dtype=dtype, **call)
+    if op == "quantized_linear" and device_type == "cpu":
+        if dtype is not None and dtype != torch.float32:
+            return f"native CPU quantized_linear takes float32 x, got {dtype}"
+        if call.get("act_int8") and call.get("bits") != 8:
+            return f"act_int8 (int8 activations) is for the int8 formats (bits=8), got bits={call.get('bits')}"
     return None
 
 
@@ -158,6 +163,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight.to(x.dtype), bias)
 
 
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int,
+    group_size: int | None,
+    act_int8: bool = False,
+) -> torch.Tensor:
+    """x (..., K) @ w^T + bias -> (..., N), w the dequantized weight; see `reference.quantized_linear`
+    and gptfast/ops/quant.py for the formats. CPU (fp32 x; csrc/cpu/quant_linear.cpp): up to
+    SKINNY_MAX_M rows the weight is streamed once and dequantized in registers (AVX-512 or 8-lane
+    kernel by CPUID); more rows multiply ~1 MB dequantized tiles with sgemm. act_int8 (int8
+    formats): activations quantized per row and 32-block to int8 and integer dot products
+    (llama.cpp's q8_0 x q8_0; AVX-512 VNNI where the CPU has it, else an emulation with the same
+    bits). Inference only (no autograd)."""
+    ensure_loaded()
+    K = x.shape[-1]
+    y = torch.ops.gptfast.quantized_linear(
+        x.reshape(-1, K), qweight, scale, zero, bias, int(bits), 0 if group_size is None else int(group_size),
+        bool(act_int8),
+    )
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -219,9 +251,29 @@ class DecodeStepWeights:
     w_head: torch.Tensor
     eps: float
     exact_gelu: bool = False
+    # Quantized matrices (issue #20): bits 8 / 4 = w_qkv .. w_proj are quantized_linear qweights of
+    # one format (bits, group_size: None = per channel), with one scale per layer in s_* and zeros
+    # in z_* (empty = none); bits 0 = float matrices, s_* / z_* empty. The head has its own format
+    # (head_bits 0 = a float w_head). act_int8: quantized_linear's option, for every quantized matrix.
+    s_qkv: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    z_qkv: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    s_o: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    z_o: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    s_fc: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    z_fc: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    s_proj: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    z_proj: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    s_head: torch.Tensor | None = None
+    z_head: torch.Tensor | None = None
+    bits: int = 0
+    group_size: int | None = None
+    head_bits: int = 0
+    head_group_size: int | None = None
+    act_int8: bool = False
 
     LISTS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w", "ln2_b", "w_fc", "b_fc", "w_proj", "b_proj")
     MATRICES = ("w_qkv", "w_o", "w_fc", "w_proj")
+    QUANT_LISTS = ("s_qkv", "z_qkv", "s_o", "z_o", "s_fc", "z_fc", "s_proj", "z_proj")
 
     def __post_init__(self) -> None:
         for name in self.LISTS:
@@ -238,6 +290,18 @@ class DecodeStepWeights:
             odd = [name for name, k in lengths.items() if k != n]
             raise ValueError(f"DecodeStepWeights: {', '.join(odd)} must hold one entry per layer like the other "
                              f"lists ({n}), got {', '.join(str(lengths[name]) for name in odd)}")
+        n = len(self.w_qkv)
+        for name in self.QUANT_LISTS:
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"DecodeStepWeights: {name} must be a list, got {type(v).__name__}")
+            setattr(self, name, list(v))
+            if self.bits == 0 and v:
+                raise ValueError(f"DecodeStepWeights: {name} must be empty for float matrices (bits=0), "
+                                 f"got {len(v)} entries")
+            if self.bits != 0 and (name[0] == "s" or v) and len(v) != n:
+                raise ValueError(f"DecodeStepWeights: {name} must hold one entry per layer ({n}) for bits="
+                                 f"{self.bits}, got {len(v)}")
         for name in self.MATRICES:
             for i, t in enumerate(getattr(self, name)):
                 if not isinstance(t, torch.Tensor):
@@ -264,7 +328,9 @@ def decode_step(tokens: torch.Tensor, pos: torch.Tensor, weights: DecodeStepWeig
     return torch.ops.gptfast.decode_step(
         tokens, pos, w.wte, w.wpe, w.ln1_w, w.ln1_b, w.w_qkv, w.b_qkv, w.w_o, w.b_o, w.ln2_w, w.ln2_b,
         w.w_fc, w.b_fc, w.w_proj, w.b_proj, w.lnf_w, w.lnf_b, w.w_head, k_cache, v_cache,
-        float(w.eps), bool(w.exact_gelu),
+        w.s_qkv, w.z_qkv, w.s_o, w.z_o, w.s_fc, w.z_fc, w.s_proj, w.z_proj, w.s_head, w.z_head,
+        float(w.eps), bool(w.exact_gelu), int(w.bits), int(w.group_size or 0), int(w.head_bits),
+        int(w.head_group_size or 0), bool(w.act_int8),
     )
 
 

@@ -38,6 +38,7 @@ _OP_KERNEL = {
     "sample": "sample",
     "causal_attention": "causal_attention_fwd",
     "decode_attention": "decode_attention",
+    "quantized_linear": "quantized_linear",
 }
 
 # The source checkout (holding csrc/) this package lives in, or None for an installed wheel.

@@ -90,9 +90,21 @@ def _register_fakes() -> None:
                     f"skinny_linear: bias must have shape ({weight.shape[0]},)")
         return _empty((x.shape[0], weight.shape[0]), x)
 
+    @reg("gptfast::quantized_linear")
+    def _(x, qweight, scale, zero, bias, bits, group_size, act_int8):
+        _fake_check(bits in (4, 8), f"quantized_linear: bits must be 8 or 4, got {bits}")
+        _fake_check(x.dim() == 2 and qweight.dim() == 2, "quantized_linear: x and qweight must be 2-D")
+        K = qweight.shape[1] * (8 // bits)
+        _fake_check(x.shape[1] == K, f"quantized_linear: x must have K = {K} columns to match qweight "
+                    f"{tuple(qweight.shape)} (bits={bits}), got shape {tuple(x.shape)}")
+        _fake_check(bias is None or tuple(bias.shape) == (qweight.shape[0],),
+                    f"quantized_linear: bias must have shape ({qweight.shape[0]},)")
+        return _empty((x.shape[0], qweight.shape[0]), x)
+
     @reg("gptfast::decode_step")
     def _(tokens, pos, wte, wpe, ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc, w_proj, b_proj,
-          lnf_w, lnf_b, w_head, k_cache, v_cache, eps, exact_gelu=False):
+          lnf_w, lnf_b, w_head, k_cache, v_cache, s_qkv, z_qkv, s_o, z_o, s_fc, z_fc, s_proj, z_proj, s_head,
+          z_head, eps, exact_gelu=False, bits=0, group_size=0, head_bits=0, head_group_size=0, act_int8=False):
         _fake_check(tokens.dim() == 1, f"decode_step: tokens must be 1-D (B,), got {tuple(tokens.shape)}")
         _fake_check(w_head.dim() == 2, f"decode_step: w_head must be 2-D (V, C), got {tuple(w_head.shape)}")
         L = len(k_cache)
