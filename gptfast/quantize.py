@@ -12,6 +12,15 @@ As gpt-fast's `quantize.py` (github.com/pytorch-labs/gpt-fast: `WeightOnlyInt8Li
   inputs; the native CPU kernels widen each weight exactly and accumulate in fp32, the other
   backends widen the matrix first). A memory-bound decode step streams half the bytes. Measured
   speed and accuracy: README, docs/PERF.md.
+- "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g64-zp",
+  "int4-g128-zp" (issue #20): quantized weights, `QuantLinear` (packed weight + scales, the op
+  `ops.quantized_linear`; formats and layouts: `gptfast.ops.quant`). int8 per output channel is
+  gpt-fast's `WeightOnlyInt8Linear`; int8-g32 is llama.cpp's q8_0, int4-g32 its q4_0 (same
+  blocks: `gptfast.gguf` copies them); "-zp" adds a float16 zero point per group (gpt-fast's
+  int4 groups). Activations, LayerNorm, biases, the position embedding and the KV cache stay in
+  the model's dtype. `head=True` also quantizes the LM head and the token embedding tied to it
+  (one packed copy, `QuantEmbedding` dequantizes the looked-up rows); `head=False` keeps them in
+  the model's dtype. Accuracy and bytes per format: README ("Quantized weights").
 """
 
 from __future__ import annotations
@@ -22,8 +31,20 @@ import torch.nn.functional as F
 
 from gptfast import ops
 from gptfast.errors import InputError
+from gptfast.ops.quant import dequantize_weight, quantize_weight
 
-FORMATS = ("bf16",)
+# quantized format -> (bits, group_size, zero point); `gptfast.ops.quant` has the layouts
+QUANT_FORMATS: dict[str, tuple[int, int | None, bool]] = {
+    "int8": (8, None, False),
+    "int8-g32": (8, 32, False),
+    "int4-g32": (4, 32, False),
+    "int4-g64": (4, 64, False),
+    "int4-g128": (4, 128, False),
+    "int4-g32-zp": (4, 32, True),
+    "int4-g64-zp": (4, 64, True),
+    "int4-g128-zp": (4, 128, True),
+}
+FORMATS = ("bf16", *QUANT_FORMATS)
 
 
 class BF16Linear(nn.Module):
@@ -61,36 +82,179 @@ class BF16Embedding(nn.Module):
         return F.embedding(idx, self.weight).to(self.dtype)
 
 
+class QuantLinear(nn.Module):
+    """A linear layer with a quantized weight (`gptfast.ops.quant` layouts) and a bias in the
+    activations' dtype: `ops.quantized_linear(x, qweight, scale, zero, bias, ...)`. Buffers
+    qweight, scale, zero (None unless "-zp"), bias; attributes bits, group_size, weight_format,
+    backend, act_int8 (the native CPU option that quantizes activations per row to int8).
+    Inference only (buffers, no gradients)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bias: torch.Tensor | None, weight_format: str, backend: str | None = None,
+                 act_int8: bool = False):
+        super().__init__()
+        if weight_format not in QUANT_FORMATS:
+            raise InputError(f"QuantLinear: weight_format must be one of {tuple(QUANT_FORMATS)}, got {weight_format!r}")
+        self.bits, self.group_size, _ = QUANT_FORMATS[weight_format]
+        self.weight_format = weight_format
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", bias)
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (8 // self.bits)
+        self.backend = backend
+        self.act_int8 = act_int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.quantized_linear(x, self.qweight, self.scale, self.zero, self.bias, bits=self.bits,
+                                    group_size=self.group_size, act_int8=self.act_int8, backend=self.backend)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight these buffers stand for, in `dtype`."""
+        return dequantize_weight(self.qweight, self.scale, self.zero, self.bits, self.group_size, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.weight_format}" + (", act_int8" if self.act_int8 else ""))
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding read from a quantized (vocab, C) matrix, usually the tied LM head's own
+    buffers (one packed copy): a lookup dequantizes just the looked-up rows, in `dtype`."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 weight_format: str, dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group_size, _ = QUANT_FORMATS[weight_format]
+        self.weight_format = weight_format
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.dtype = dtype
+        self.num_embeddings = qweight.shape[0]
+        self.embedding_dim = qweight.shape[1] * (8 // self.bits)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = idx.reshape(-1)
+        zero = None if self.zero is None else self.zero.index_select(0, rows)
+        w = dequantize_weight(self.qweight.index_select(0, rows), self.scale.index_select(0, rows), zero,
+                              self.bits, self.group_size, self.dtype)  # (B*T, C)
+        return w.view(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight_format}"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights: its state dict's tensors (parameters and persistent buffers;
+    the KV cache is not one), each storage once (a tied head counts once)."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+HEAD_DEFAULT = True  # quantize the LM head / tied embedding too; measured: README "Quantized weights"
+
+
+def _check_k(fmt: str, layers: list[tuple[str, nn.Module]]) -> None:
+    """Every quantized layer's input width must hold whole groups (and int4 blocks of 32)."""
+    bits, group_size, _ = QUANT_FORMATS[fmt]
+    need = max(group_size or 1, 32 if bits == 4 else 1)
+    bad = [f"{name} ({m.weight.shape[1]})" for name, m in layers if m.weight.shape[1] % need != 0]
+    if bad:
+        raise InputError(f"quantize: format {fmt!r} needs every quantized layer's input width divisible by "
+                         f"{need}; got {', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''} (pick another format)")
+
+
 @torch.no_grad()
-def quantize(model: nn.Module, fmt: str) -> nn.Module:
-    """Swap `model`'s linear layers (and its tied token embedding) for the format `fmt` (one of
+def quantize(model: nn.Module, fmt: str, *, head: bool = HEAD_DEFAULT, act_int8: bool = False,
+             _empty: bool = False) -> nn.Module:
+    """Swap `model`'s linear layers (and its token embedding) for the format `fmt` (one of
     FORMATS), in place; returns the model. The original weights are released (keep a
-    `copy.deepcopy` first to compare formats). A model already in `fmt` is returned unchanged."""
+    `copy.deepcopy` first to compare formats). A model already in `fmt` (with the same `head`)
+    is returned unchanged.
+
+    head: also hold the LM head and the token embedding in `fmt` (tied: one copy, read by both;
+    untied: each its own); False keeps both in the model's dtype. act_int8: quantized formats,
+    native CPU only: quantize activations per row to int8 on the fly (llama.cpp's q8_0 x q8_0
+    dot products; other backends ignore it). Sets `model.weight_format` and `model.quantized_head`.
+    `_empty` (for checkpoint loading): allocate the formats' buffers uninitialised, skip the math.
+    """
     if fmt not in FORMATS:
         raise InputError(f"quantize: fmt must be one of {FORMATS}, got {fmt!r}")
-    if getattr(model, "weight_format", None) == fmt:
+    for name, v in (("head", head), ("act_int8", act_int8)):
+        if not isinstance(v, bool):
+            raise InputError(f"quantize: {name} must be a bool, got {v!r}")
+    if act_int8 and fmt not in QUANT_FORMATS:
+        raise InputError(f"quantize: act_int8 is an option of the int8 / int4 formats, got fmt {fmt!r}")
+    current = getattr(model, "weight_format", None)
+    if current == fmt and getattr(model, "quantized_head", True) == head:
         return model
-    if getattr(model, "weight_format", None) is not None:
-        raise InputError(f"quantize: the model is already in format {model.weight_format!r}; "
+    if current is not None:
+        raise InputError(f"quantize: the model is already in format {current!r}"
+                         f"{'' if current != fmt else ' with head=' + str(not head)}; "
                          f"load the original weights to convert to {fmt!r}")
     dtype = model.dtype
-    if dtype != torch.float32:
+    if fmt == "bf16" and dtype != torch.float32:
         raise InputError(f"quantize: 'bf16' weights keep fp32 activations; the model's dtype is {dtype} "
                          "(a bf16 model already holds bf16 weights)")
-    converted: dict[int, torch.Tensor] = {}  # one copy per tensor: the LM head is tied to wte
-
-    def bf16(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in converted:
-            converted[t.data_ptr()] = t.detach().to(torch.bfloat16)
-        return converted[t.data_ptr()]
-
-    backend = getattr(model, "backend", None)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                bias = None if child.bias is None else child.bias.detach().clone()
-                setattr(parent, name, BF16Linear(bf16(child.weight), bias, backend))
     tr = model.transformer
-    tr.wte = BF16Embedding(bf16(tr.wte.weight), dtype)  # the same copy as the LM head's when tied
+    lm_head = getattr(model, "lm_head", None)
+    layers = [(f"{pname}.{name}" if pname else name, parent, name, child)
+              for pname, parent in model.named_modules() for name, child in parent.named_children()
+              if isinstance(child, nn.Linear) and (head or child is not lm_head)]
+    if fmt in QUANT_FORMATS:
+        _check_k(fmt, [(n, c) for n, _, _, c in layers])
+    backend = getattr(model, "backend", None)
+    converted: dict[tuple[int, tuple[int, ...]], object] = {}  # one copy per tensor: the head is tied to wte
+
+    def convert(t: torch.Tensor):
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in converted:
+            if fmt == "bf16":
+                converted[key] = t.detach().to(torch.bfloat16)
+            elif _empty:
+                converted[key] = _empty_quantized(fmt, t)
+            else:
+                bits, group_size, zp = QUANT_FORMATS[fmt]
+                converted[key] = quantize_weight(t.detach(), bits, group_size, zp)
+        return converted[key]
+
+    def bias_of(child: nn.Linear) -> torch.Tensor | None:
+        return None if child.bias is None else child.bias.detach().clone()
+
+    swaps = []  # built first, swapped after: an error leaves the model as it was
+    for _, parent, name, child in layers:
+        if fmt == "bf16":
+            swaps.append((parent, name, BF16Linear(convert(child.weight), bias_of(child), backend)))
+        else:
+            q, sc, z = convert(child.weight)
+            swaps.append((parent, name, QuantLinear(q, sc, z, bias_of(child), fmt, backend, act_int8)))
+    if head:
+        if fmt == "bf16":
+            swaps.append((tr, "wte", BF16Embedding(convert(tr.wte.weight), dtype)))
+        else:
+            q, sc, z = convert(tr.wte.weight)  # the LM head's buffers when tied (same tensor)
+            swaps.append((tr, "wte", QuantEmbedding(q, sc, z, fmt, dtype)))
+    for parent, name, module in swaps:
+        setattr(parent, name, module)
     model.weight_format = fmt
+    model.quantized_head = head
     return model
+
+
+def _empty_quantized(fmt: str, w: torch.Tensor):
+    """Uninitialised (qweight, scale, zero) of the format's shapes for a weight like `w`."""
+    bits, group_size, zp = QUANT_FORMATS[fmt]
+    N, K = w.shape
+    kw = dict(device=w.device)
+    q = torch.empty(N, K * bits // 8, dtype=torch.int8 if bits == 8 else torch.uint8, **kw)
+    if group_size is None:
+        return q, torch.empty(N, dtype=torch.float32, **kw), None
+    scale = torch.empty(N, K // group_size, dtype=torch.float16, **kw)
+    return q, scale, (torch.empty_like(scale) if zp else None)
