@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gptfast.errors import InputError
+from gptfast.io.atomic import write_file_atomic
 
 
 @torch.no_grad()
@@ -136,7 +137,7 @@ def plot_attention(probs: torch.Tensor, labels: list[str], out: str | os.PathLik
     if title:
         fig.suptitle(title, fontsize=10)
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    write_file_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))  # the user's file: replaced whole or not at all
     plt.close(fig)
     return out
 
@@ -184,6 +185,6 @@ def plot_attention_graph(probs: torch.Tensor, labels: list[str], out: str | os.P
                  fontsize=10)
     out = Path(out)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_file_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))  # the user's file: replaced whole or not at all
     plt.close(fig)
     return out

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from gptfast.io.atomic import write_file_atomic
+
 _COLORS = {"reference": "#7f7f7f", "torch": "#1f77b4", "native": "#2ca02c", "triton": "#d62728"}
 
 
@@ -66,7 +68,7 @@ def plot_speedup(rows: list[dict], out: Path, meta: dict) -> Path:
     ax.set_title(f"gptfast bench {rows[0].get('suite', '')}: {_where(meta)}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_file_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))  # the user's file: replaced whole or not at all
     plt.close(fig)
     return out
 
@@ -91,6 +93,6 @@ def plot_scaling(rows: list[dict], out: Path, meta: dict) -> Path:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", lw=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_file_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))  # the user's file: replaced whole or not at all
     plt.close(fig)
     return out
