@@ -259,8 +259,9 @@ def _run(model, prompts, max_new_tokens, sp: SamplingParams, overflow, dtype, ba
         )
     net, copy_bytes = _in_dtype(model, as_dtype(dtype) or model.dtype)
     saved_backend = net.backend
-    if backend is not None and backend != saved_backend:
-        net.backend = backend
+    want = backend if backend is not None else model.backend  # a dtype copy follows its model's choice
+    if want != saved_backend:
+        net.backend = want
     was_training = net.training
     net.eval()  # dropout off
     try:
@@ -378,7 +379,7 @@ def _loop(net, rows_tokens, n_new, sp: SamplingParams, gens, need, compile, stat
             net.clear_caches()  # the cache is this call's: do not pin its memory after it
     if stats is not None:
         total = time.perf_counter() - t0
-        names = {op: ops.resolve(op, device.type, net.backend, **call) for op, call in (
+        names = {op: _resolved_name(op, device.type, net.backend, call) for op, call in (
             ("causal_attention", dict(dtype=net.dtype, head_dim=cfg.n_embd // cfg.n_head, dropout_p=0.0)),
             ("decode_attention", dict(dtype=net.dtype, head_dim=cfg.n_embd // cfg.n_head)),
             ("layer_norm", dict(dtype=net.dtype, n=cfg.n_embd)), ("linear", dict(dtype=net.dtype)),
@@ -388,6 +389,13 @@ def _loop(net, rows_tokens, n_new, sp: SamplingParams, gens, need, compile, stat
                      dtype=str(net.dtype).replace("torch.", ""),
                      weight_format=getattr(net, "weight_format", None) or str(net.dtype).replace("torch.", ""),
                      decode_step="native fused" if fused is not None else ("compiled" if compile else "python"))
+
+
+def _resolved_name(op: str, device_type: str, backend: str | None, call: dict) -> str:
+    try:
+        return ops.resolve(op, device_type, backend, **call)
+    except ops.BackendUnavailableError as e:
+        return f"unavailable: {e}"
 
 
 def generate(

@@ -477,3 +477,16 @@ def test_cli_errors_are_one_line(flags, needle, capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("gptfast: error")]
     assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_dtype_copy_follows_the_models_backend(tiny):
+    """generate(dtype=...) runs a cached copy of the model in that dtype; a backend chosen on the
+    model after the copy was made still applies to it."""
+    m = _model("tiny", backend="torch", block_size=16)
+    stats: dict = {}
+    gptfast.generate(m, [[1, 2]], 2, temperature=0.0, dtype="fp16", stats=stats)
+    assert set(stats["backends"].values()) == {"torch"}, stats["backends"]
+    m.backend = "reference"
+    stats = {}
+    gptfast.generate(m, [[1, 2]], 2, temperature=0.0, dtype="fp16", stats=stats)
+    assert set(stats["backends"].values()) == {"reference"}, stats["backends"]
