@@ -3,6 +3,8 @@ on the tiny preset (the arithmetic of the bound and the peers: tests/test_bench_
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from gptfast.bench import generate as bg
@@ -123,6 +125,16 @@ def test_bf16_weights_row_native():
     assert ratio(r16) / ratio(by["engine[native]"]) == pytest.approx((n / 2 + kv) / (n + kv), rel=1e-9)
     t = {r["backend"]: r for r in rows if r["op"] == "ttft"}
     assert t["engine[native] bf16 weights"]["status"] == "ok" and t["engine[native] bf16 weights"]["weights"] == "bf16"
+    # the named bf16-dot option (llama.cpp bf16's arithmetic): timed where the CPU has avx512_bf16,
+    # else a row saying why; the environment variable is restored either way
+    from gptfast.bench.generate import _has_avx512_bf16
+
+    rd = by["engine[native] bf16 weights, bf16 dot"]
+    if _has_avx512_bf16():
+        assert rd["status"] == "ok" and "GPTFAST_SKINNY_BF16_DOT=1" in rd["reason"], rd
+    else:
+        assert rd["status"] == "unavailable" and "avx512_bf16" in rd["reason"], rd
+    assert "GPTFAST_SKINNY_BF16_DOT" not in os.environ
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ Formulas (next to the code that computes them):
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 
@@ -87,6 +88,15 @@ def _as_dtype(dtype) -> torch.dtype:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"[:300]
+
+
+def _has_avx512_bf16() -> bool:
+    """Whether this CPU has avx512_bf16 (Linux /proc/cpuinfo; elsewhere: no)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512_bf16" in f.read()
+    except OSError:
+        return False
 
 
 def benchmark_generate(
@@ -212,26 +222,43 @@ def benchmark_generate(
         print(f"bench generate: {where} {backend}: {done}", file=sys.stderr, flush=True)
         return r
 
-    def _bf16_row(B, be, prompt, kw):
+    def _bf16_row(B, be, prompt, kw, dot: bool = False):
         """The engine on weight-only bf16 (half the weight bytes; bound and % of bound on its own
-        bytes): `gptfast.quantize` of a copy of the model, the same generate() call."""
-        name = f"engine[{be}] bf16 weights"
+        bytes): `gptfast.quantize` of a copy of the model, the same generate() call. dot=True: the
+        named option GPTFAST_SKINNY_BF16_DOT=1 (activations rounded to bf16, bf16 dot products with
+        fp32 accumulation: the arithmetic llama.cpp's bf16 format uses), on CPUs with avx512_bf16."""
+        name = f"engine[{be}] bf16 weights" + (", bf16 dot" if dot else "")
+        if dot and not _has_avx512_bf16():
+            row(B, name, status="unavailable", reason="GPTFAST_SKINNY_BF16_DOT needs a CPU with avx512_bf16")
+            return
+        old = os.environ.get("GPTFAST_SKINNY_BF16_DOT")
         try:
-            if name not in engines:
-                engines[name] = (gptfast.quantize(copy.deepcopy(model), "bf16"), kw)
-            m16 = engines[name][0]
+            if dot:
+                os.environ["GPTFAST_SKINNY_BF16_DOT"] = "1"  # read by the kernel at each call
+            key = f"engine[{be}] bf16 weights"
+            if key not in engines:
+                engines[key] = (gptfast.quantize(copy.deepcopy(model), "bf16"), kw)
+            m16 = engines[key][0]
             generate(m16, prompt, 4, **kw)
             stats: dict = {}
             t, got = time_calls(lambda: generate(m16, prompt, new_tokens, stats=stats, **kw), repeats)
         except Exception as e:  # noqa: BLE001 - a failing variant is a row with the reason
-            engines.pop(name, None)
+            if not dot:
+                engines.pop(name, None)
             row(B, name, status="error", reason=_first_line(e))
             return
+        finally:
+            if old is None:
+                os.environ.pop("GPTFAST_SKINNY_BF16_DOT", None)
+            else:
+                os.environ["GPTFAST_SKINNY_BF16_DOT"] = old
         want = generate(model, prompt, new_tokens, **kw)
         # greedy tokens identical to the fp32 engine's up to the first difference, fewest over rows
         # (random weights give near-flat logits, where any rounding eventually flips an argmax)
+        how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_SKINNY_BF16_DOT=1, "
+               "as llama.cpp's bf16)" if dot else "matrices bf16, fp32 math")
         row(B, name, seconds=t, weight_scale=0.5, weights="bf16", weight_format=stats.get("weight_format"),
-            reason=f"gptfast.quantize(model, 'bf16'): matrices bf16, fp32 math; greedy = fp32 engine for the "
+            reason=f"gptfast.quantize(model, 'bf16'): {how}; greedy = fp32 engine for the "
                    f"first {agree(want, got)}/{new_tokens} tokens (min over rows)")
 
     def _peer(name: str, fmt: str, key, n_seq: int, n_ctx_seq: int):
@@ -293,6 +320,7 @@ def benchmark_generate(
                     + (", fused step" if stats.get("decode_step") == "native fused" else ""))
                 if variants and be in ("native", "auto") and dev_type == "cpu" and wdtype == torch.float32:
                     _bf16_row(B, be, prompt, kw)
+                    _bf16_row(B, be, prompt, kw, dot=True)
                 if not compile and (compiled_too if compiled_too is not None else dev_type == "cuda"):
                     # the decode step under torch.compile (CUDA: CUDA graphs, mode="reduce-overhead")
                     kwc = dict(kw, compile=True)
