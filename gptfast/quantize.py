@@ -120,30 +120,44 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """A token embedding read from a quantized (vocab, C) matrix, usually the tied LM head's own
-    buffers (one packed copy): a lookup dequantizes just the looked-up rows, in `dtype`."""
+    """A token embedding read from a quantized (vocab, C) matrix: a lookup dequantizes just the
+    looked-up rows, in `dtype`. Tied to the LM head (`tied_to=` its QuantLinear), it reads the
+    head's own buffers (one packed copy; not registered here, so `.to(device)` moves one copy and
+    the state dict holds it once, under lm_head); untied, it holds its own qweight / scale / zero."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 weight_format: str, dtype: torch.dtype):
+    def __init__(self, qweight: torch.Tensor | None, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                 weight_format: str, dtype: torch.dtype, tied_to: QuantLinear | None = None):
         super().__init__()
         self.bits, self.group_size, _ = QUANT_FORMATS[weight_format]
         self.weight_format = weight_format
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
         self.dtype = dtype
-        self.num_embeddings = qweight.shape[0]
-        self.embedding_dim = qweight.shape[1] * (8 // self.bits)
+        object.__setattr__(self, "_tied_to", tied_to)  # a plain reference, not a submodule
+        if tied_to is None:
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero", zero)
+        src = self._source()
+        self.num_embeddings = src.qweight.shape[0]
+        self.embedding_dim = src.qweight.shape[1] * (8 // self.bits)
+
+    def _source(self) -> nn.Module:
+        return self if self._tied_to is None else self._tied_to
+
+    @property
+    def tied_to(self) -> QuantLinear | None:
+        return self._tied_to
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        src = self._source()
         rows = idx.reshape(-1)
-        zero = None if self.zero is None else self.zero.index_select(0, rows)
-        w = dequantize_weight(self.qweight.index_select(0, rows), self.scale.index_select(0, rows), zero,
+        zero = None if src.zero is None else src.zero.index_select(0, rows)
+        w = dequantize_weight(src.qweight.index_select(0, rows), src.scale.index_select(0, rows), zero,
                               self.bits, self.group_size, self.dtype)  # (B*T, C)
         return w.view(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight_format}"
+        tied = ", tied to the LM head" if self._tied_to is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight_format}{tied}"
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -239,8 +253,12 @@ def quantize(model: nn.Module, fmt: str, *, head: bool = HEAD_DEFAULT, act_int8:
         if fmt == "bf16":
             swaps.append((tr, "wte", BF16Embedding(convert(tr.wte.weight), dtype)))
         else:
-            q, sc, z = convert(tr.wte.weight)  # the LM head's buffers when tied (same tensor)
-            swaps.append((tr, "wte", QuantEmbedding(q, sc, z, fmt, dtype)))
+            head_swap = next((m for parent, name, m in swaps if parent is model and name == "lm_head"), None)
+            if head_swap is not None and lm_head.weight is tr.wte.weight:  # tied: read the head's copy
+                swaps.append((tr, "wte", QuantEmbedding(None, None, None, fmt, dtype, tied_to=head_swap)))
+            else:
+                q, sc, z = convert(tr.wte.weight)
+                swaps.append((tr, "wte", QuantEmbedding(q, sc, z, fmt, dtype)))
     for parent, name, module in swaps:
         setattr(parent, name, module)
     model.weight_format = fmt

@@ -79,7 +79,8 @@ def test_swap_layout_and_tied_head_is_one_copy(fmt):
         assert (m.zero is not None) == zp
     wte = q.transformer.wte
     assert isinstance(wte, QuantEmbedding)
-    assert wte.qweight is q.lm_head.qweight and wte.scale is q.lm_head.scale and wte.zero is q.lm_head.zero
+    assert wte.tied_to is q.lm_head and not list(wte.buffers())  # reads the head's buffers
+    assert not any(k.startswith("transformer.wte.") for k in q.state_dict())  # stored once, as lm_head.*
     # biases, LayerNorm and the position embedding stay fp32
     assert q.transformer.h[0].attn.c_attn.bias.dtype == torch.float32 and q.dtype == torch.float32
     # bytes: packed matrices, each once (the head once)
@@ -135,7 +136,7 @@ def test_untied_head_and_embedding_are_quantized_separately():
     model = _model("tiny", n_embd=64, tie_weights=False)
     q = quantize(copy.deepcopy(model), "int8-g32")
     assert isinstance(q.lm_head, QuantLinear) and isinstance(q.transformer.wte, QuantEmbedding)
-    assert q.transformer.wte.qweight is not q.lm_head.qweight
+    assert q.transformer.wte.tied_to is None and q.transformer.wte.qweight is not q.lm_head.qweight
     want = quant.quantize_weight(model.transformer.wte.weight, 8, 32)
     assert torch.equal(q.transformer.wte.qweight, want[0]) and torch.equal(q.transformer.wte.scale, want[1])
 

@@ -1,4 +1,4 @@
-"""`gptfast` command line: generate, info, train, perplexity, bench, attention-map, export-gguf.
+"""`gptfast` command line: generate, info, train, perplexity, bench, attention-map, export-gguf, quantize.
 
 One module per subcommand (`gptfast/cli/<name>.py`), each with `add_parser(sub)` declaring its
 flags and `run(args)` running it; shared helpers in `gptfast/cli/_common.py`. The features they call
@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from gptfast.cli import attention_map, bench, export_gguf, generate, info, perplexity, train
+from gptfast.cli import attention_map, bench, export_gguf, generate, info, perplexity, quantize, train
 from gptfast.cli._common import load_model_for_cli
 from gptfast.errors import UserError
 
@@ -25,7 +25,7 @@ REPORT_BUG = ("gptfast: internal error -- this is a bug in gptfast, not a proble
               "and the output of `gptfast info`.")
 
 # In the order `gptfast --help` lists them.
-SUBCOMMANDS = (generate, info, train, perplexity, bench, attention_map, export_gguf)
+SUBCOMMANDS = (generate, info, train, perplexity, bench, attention_map, export_gguf, quantize)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

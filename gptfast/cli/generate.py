@@ -9,6 +9,7 @@ from gptfast.cli._common import add_backend_arg, load_model_for_cli
 from gptfast.errors import UsageError, UserError
 from gptfast.quantize import FORMATS
 
+_DTYPE_FLAG = {}  # torch dtype -> --dtype value, filled on first use (no torch import at parse time)
 FIT_THREADS = True  # main() fits torch's threads to the free cores first (gptfast.threads)
 
 
@@ -45,7 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--quantize", default=None, choices=list(FORMATS), metavar="FORMAT",
                    help=f"hold the weight matrices in another format (gptfast.quantize; one of {list(FORMATS)}; "
                         "default: %(default)s = the model's own). bf16: half the bytes per token, widened "
-                        "exactly, fp32 math (needs --dtype fp32). See the README for accuracy and speed")
+                        "exactly, fp32 math (needs --dtype fp32); int8 / int4-gG[-zp]: quantized weights, "
+                        "packed (the LM head included). A checkpoint written by `gptfast quantize` is "
+                        "already in its format. See the README for accuracy and speed")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: CUDA graphs, mode=reduce-overhead)")
@@ -114,9 +117,21 @@ def run(args) -> int:
     if args.backend:
         model.backend = args.backend
     dtype = as_dtype(args.dtype)
-    model = model.to(device=device, dtype=dtype).eval()  # the command owns its model: no second copy
-    if args.quantize is not None:
-        quantize(model, args.quantize)
+    _DTYPE_FLAG.update({as_dtype(f): f for f in ("fp32", "bf16", "fp16")})
+    held = getattr(model, "weight_format", None)
+    if held is not None:  # a checkpoint in a weight format (`gptfast quantize`): its buffers keep their dtypes
+        if dtype != model.dtype:
+            raise UserError(f"--dtype {args.dtype}: {what} holds {held} weights with {_DTYPE_FLAG.get(model.dtype, model.dtype)} activations; "
+                            f"run it with --dtype {_DTYPE_FLAG.get(model.dtype, model.dtype)} or quantize "
+                            "the original checkpoint in the dtype you want")
+        if args.quantize is not None and args.quantize != held:
+            raise UserError(f"--quantize {args.quantize}: {what} is already in format {held}; "
+                            "quantize the original checkpoint instead")
+        model = model.to(device=device).eval()
+    else:
+        model = model.to(device=device, dtype=dtype).eval()  # the command owns its model: no second copy
+        if args.quantize is not None:
+            quantize(model, args.quantize)
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give at least one character")

@@ -103,7 +103,8 @@ def from_pretrained(
     *,
     trim_vocab: bool = True,
 ) -> GPT:
-    """A `GPT` in eval mode (fp32) from any supported checkpoint.
+    """A `GPT` in eval mode (fp32) from any supported checkpoint (a gptfast checkpoint in a weight
+    format, written by `gptfast quantize` / `save_checkpoint` of a quantized model, comes back in it).
 
     Args:
         path_or_name: a Hugging Face GPT-2 directory (or its config.json / weights file), a hub

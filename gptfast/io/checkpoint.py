@@ -3,7 +3,11 @@ the optimizer / RNG state and eval history.
 
     <dir>/gptfast.json                 manifest: {"format", "config", "tokenizer", "layout", "files":
                                        {name: sha256}, step, losses, ...}; written last
-    <dir>/model-<step>.safetensors     weights (the tied LM head is stored once, as transformer.wte.weight)
+    <dir>/model-<step>.safetensors     weights (the tied LM head is stored once, as transformer.wte.weight;
+                                       quantized (`gptfast.quantize`): packed qweight + scale (+ zero)
+                                       per layer, a quantized tied head once as lm_head.*, and the
+                                       manifest's "weight_format" / "quantized_head" say which format
+                                       `load_checkpoint` rebuilds)
     <dir>/train_state-<step>.pt        optional: optimizer state, iteration, sampler / dropout RNG states
     <dir>/history-<step>.json          optional: eval history written by `gptfast train`
 
@@ -117,6 +121,48 @@ def _state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
     if model.config.tie_weights:
         state.pop("lm_head.weight", None)  # shared with transformer.wte.weight
     return state
+
+
+def _format_fields(model: GPT) -> dict[str, Any]:
+    """The manifest's record of a weight format (`gptfast.quantize`): {"weight_format": "int8",
+    "quantized_head": true}; nothing for a plain model."""
+    fmt = getattr(model, "weight_format", None)
+    if fmt is None:
+        return {}
+    return {"weight_format": fmt, "quantized_head": bool(getattr(model, "quantized_head", True))}
+
+
+def _model_for(config: GPTConfig, info: dict[str, Any], where: str) -> GPT:
+    """An empty model of the checkpoint's config and weight format (the format's buffers
+    allocated, not computed: the weights file fills them)."""
+    from gptfast.quantize import FORMATS, quantize
+
+    fmt = info.get("weight_format")
+    head = info.get("quantized_head", True)
+    if fmt is not None and fmt not in FORMATS:
+        raise CheckpointError(f"{where}: weight_format must be one of {FORMATS} (or absent), got {fmt!r}")
+    if not isinstance(head, bool):
+        raise CheckpointError(f"{where}: quantized_head must be true or false, got {head!r}")
+    model = GPT(config)
+    if fmt is not None:
+        try:
+            quantize(model, fmt, head=head, _empty=True)
+        except ValueError as e:  # a config the format cannot hold (widths vs groups)
+            raise CheckpointError(f"{where}: {e}") from None
+    return model
+
+
+def _check_state_fits(model: GPT, state: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor of the file has the model's name, shape and dtype (load_state_dict would
+    convert a dtype silently: a float32 scale into a float16 buffer, an int8 into a uint8)."""
+    want = model.state_dict()
+    for k, t in state.items():
+        w = want.get(k)
+        if w is None:
+            continue  # load_state_dict names unexpected keys
+        if tuple(t.shape) != tuple(w.shape) or t.dtype != w.dtype:
+            raise CheckpointError(f"{where}: {k} is {t.dtype} {tuple(t.shape)} but the config and weight format "
+                                  f"need {w.dtype} {tuple(w.shape)}")
 
 
 def _safe_name(name: Any) -> bool:
@@ -267,6 +313,7 @@ def save_checkpoint(
             "config": model.config.to_dict(),
             "tokenizer": tokenizer.to_dict(),
             **meta,
+            **_format_fields(model),
             "layout": layout,
             "files": files,
         }
@@ -361,13 +408,14 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[GPT, 
         raise CheckpointError(f"corrupted checkpoint {d}: {e}") from None
     weights_path = _verify_file(d, "weights", info)
     check_weights_fit_config(weights_path, config, str(meta_path))
-    model = GPT(config)
+    model = _model_for(config, info, str(meta_path))
     try:
         state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"corrupted checkpoint: cannot read {weights_path} ({e})") from None
     if config.tie_weights and "transformer.wte.weight" in state:
         state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    _check_state_fits(model, state, f"checkpoint {d}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
