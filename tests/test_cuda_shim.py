@@ -45,6 +45,7 @@ DRIVERS = {
     "gelu": "gelu_mlp.cu",
     "decode_attention": "decode_attention.cu",
     "sample": "sampling.cu",
+    "quant_linear": "quant_linear.cu",
 }
 
 FLAVORS = {
@@ -289,6 +290,16 @@ PLANTS = {
     "top-k boundary ties dropped (sampling: x > kth)": (
         "sampling.cu", "sample",
         "    if (x >= kth) z += double(expf(x - m));", "    if (x > kth) z += double(expf(x - m));"),
+    "int4 high nibbles paired with the low half of x (quantized GEMV, 16-byte path)": (
+        "quant_linear.cu", "quant_linear",
+        "load_x16<T, true>(x + m * K + k + 16, xb);", "load_x16<T, true>(x + m * K + k + 0, xb);"),
+    "group scale of the wrong group (quantized GEMV, int8 16-byte path: k / group + 1)": (
+        "quant_linear.cu", "quant_linear",
+        "const float s = sg != nullptr ? __half2float(sg[k / group]) : 1.f;",
+        "const float s = sg != nullptr ? __half2float(sg[k / group + (k > 0)]) : 1.f;"),
+    "a row chunk's last row dropped (quantized GEMV: m + 1 < rows)": (
+        "quant_linear.cu", "quant_linear",
+        "    if (m < rows && lane == m) Y[", "    if (m + 1 < rows && lane == m) Y["),
 }
 
 

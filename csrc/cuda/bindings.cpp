@@ -1,5 +1,5 @@
 // Torch bindings of the CUDA kernels (csrc/cuda/*.cu): input checks, allocation, the current
-// stream, and TORCH_LIBRARY_IMPL(gptfast, CUDA) for the nine schemas of csrc/registration.cpp.
+// stream, and TORCH_LIBRARY_IMPL(gptfast, CUDA) for the ten schemas of csrc/registration.cpp.
 //
 // The .cu files hold only kernels and raw-pointer launchers (launch.h): they compile in seconds,
 // while a .cu including torch headers takes ~80 s. All torch-facing code lives here, in plain C++.
@@ -381,6 +381,70 @@ at::Tensor sample_op(const at::Tensor& logits_, double temperature, int64_t top_
   return out;
 }
 
+// ---------------------------------------------------------------------------- quantized linear
+
+// x (M, K) (the Python wrapper flattens leading dims); formats: launch.h / gptfast/ops/quant.py.
+// act_int8 (the native CPU's int8-activation option) is ignored: the CUDA kernel is weight-only.
+at::Tensor quantized_linear_op(const at::Tensor& x_, const at::Tensor& qweight_, const at::Tensor& scale_,
+                               const c10::optional<at::Tensor>& zero_, const c10::optional<at::Tensor>& bias_,
+                               int64_t bits, int64_t group_size, bool act_int8) {
+  (void)act_int8;
+  const char* op = "quantized_linear";
+  check_cuda_tensor(x_, op, "x");
+  const DType dt = float_dtype(x_, op, "x");
+  TORCH_CHECK(x_.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x_.sizes());
+  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || (bits == 8 && group_size == 0), op,
+              ": group_size must be 32, 64 or 128", bits == 8 ? " (or 0: per output channel)" : "",
+              " for bits=", bits, ", got ", group_size);
+  check_cuda_tensor(qweight_, op, "qweight");
+  TORCH_CHECK(qweight_.device() == x_.device(), op, ": qweight must be on x's device ", x_.device(), ", got ",
+              qweight_.device());
+  const at::ScalarType want_q = bits == 8 ? at::kChar : at::kByte;
+  TORCH_CHECK(qweight_.scalar_type() == want_q, op, ": qweight must be ", want_q, " for bits=", bits, ", got ",
+              qweight_.scalar_type());
+  TORCH_CHECK(qweight_.dim() == 2, op, ": qweight must be 2-D, got shape ", qweight_.sizes());
+  const int64_t M = x_.size(0), N = qweight_.size(0), K = qweight_.size(1) * (8 / bits);
+  TORCH_CHECK(x_.size(1) == K, op, ": x must have K = ", K, " columns to match qweight ", qweight_.sizes(),
+              " (bits=", bits, "), got shape ", x_.sizes());
+  TORCH_CHECK(group_size == 0 || K % group_size == 0, op, ": K = ", K, " must be a multiple of group_size ",
+              group_size);
+  TORCH_CHECK(bits == 8 || K % 32 == 0, op, ": int4 packing needs K % 32 == 0, got K = ", K);
+  TORCH_CHECK(M <= kQLinMaxRows * kMaxGridYZ, op, ": at most ", kQLinMaxRows * kMaxGridYZ, " rows, got M = ", M);
+  check_cuda_tensor(scale_, op, "scale");
+  TORCH_CHECK(scale_.device() == x_.device(), op, ": scale must be on x's device ", x_.device(), ", got ",
+              scale_.device());
+  if (group_size == 0) {
+    TORCH_CHECK(scale_.scalar_type() == at::kFloat, op, ": scale must be float32 (per channel), got ",
+                scale_.scalar_type());
+    check_shape(scale_, {N}, op, "scale");
+  } else {
+    TORCH_CHECK(scale_.scalar_type() == at::kHalf, op, ": scale must be float16 (per group), got ",
+                scale_.scalar_type());
+    check_shape(scale_, {N, K / group_size}, op, "scale");
+  }
+  if (zero_.has_value()) {
+    TORCH_CHECK(bits == 4, op, ": zero is an int4 option (bits=4), got bits=", bits);
+    check_like(*zero_, scale_, op, "zero", "scale");
+    check_shape(*zero_, {N, K / group_size}, op, "zero");
+  }
+  if (bias_.has_value()) {
+    check_like(*bias_, x_, op, "bias", "x");
+    check_shape(*bias_, {N}, op, "bias");
+  }
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), qweight = qweight_.contiguous(), scale = scale_.contiguous();
+  const at::Tensor zero = zero_.has_value() ? zero_->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+  check_launch(cuda::quantized_linear(dt, x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                                      zero.defined() ? zero.data_ptr() : nullptr,
+                                      bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(), M, N, K, int(bits),
+                                      group_size, current_stream()),
+               op);
+  return y;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace gptfast
@@ -395,4 +459,5 @@ TORCH_LIBRARY_IMPL(gptfast, CUDA, m) {
   m.impl("gelu_mlp_bwd", &gptfast::cuda::gelu_mlp_bwd_op);
   m.impl("decode_attention", &gptfast::cuda::decode_attention_op);
   m.impl("sample", &gptfast::cuda::sample_op);
+  m.impl("quantized_linear", &gptfast::cuda::quantized_linear_op);
 }

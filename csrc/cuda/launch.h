@@ -270,6 +270,29 @@ inline Launch sample_launch(int64_t B, int64_t V) {
   return l;
 }
 
+// ---------------------------------------------------------------------------- quantized linear
+//
+// Decode GEMV with int8 / packed int4 weights (quant_linear.cu): one warp per output column n
+// (a row of the weight), kQLinWarps warps per block; grid.y walks the x rows in chunks of
+// kQLinMaxRows (each warp keeps one fp32 accumulator per row of its chunk in registers).
+constexpr int kQLinWarps = 4;
+constexpr int64_t kQLinMaxRows = 16;
+
+// Rows per chunk for M rows: the smallest of 1, 2, 4, 8, 16 holding min(M, 16) (the kernel's template).
+inline int qlin_rows(int64_t M) {
+  int r = 1;
+  while (r < kQLinMaxRows && r < M) r *= 2;
+  return r;
+}
+
+inline Launch qlin_launch(int64_t M, int64_t N) {
+  Launch l;
+  l.grid.x = max64(1, ceil_div(N, kQLinWarps));
+  l.grid.y = max64(1, ceil_div(M, qlin_rows(M)));
+  l.block.x = 32 * kQLinWarps;
+  return l;
+}
+
 }  // namespace cuda
 }  // namespace gptfast
 
@@ -321,6 +344,15 @@ cudaError_t decode_attention(DType dtype, const void* q, const void* k_cache, co
 // top_k <= 0 or >= V: off; top_p >= 1: off; temperature == 0: argmax.
 cudaError_t sample(const float* logits, const float* uniform, int64_t* out, float* probs, int64_t B, int64_t V,
                    float temperature, int64_t top_k, float top_p, cudaStream_t stream);
+
+// y (M, N) = x (M, K) w^T + bias, w quantized (gptfast/ops/quant.py): bits 8: qweight int8 (N, K),
+// scale fp32 (N,) (group_size 0: per output channel) or fp16 (N, K / group_size); bits 4: qweight
+// uint8 (N, K / 2) in llama.cpp q4_0's nibble order, scale fp16 (N, K / group_size), zero fp16
+// (N, K / group_size) or nullptr. x, y, bias (N,) or nullptr: `dtype`; everything contiguous.
+// cudaErrorInvalidValue for an unsupported bits / group_size / K.
+cudaError_t quantized_linear(DType dtype, const void* x, const void* qweight, const void* scale, const void* zero,
+                             const void* bias, void* y, int64_t M, int64_t N, int64_t K, int bits,
+                             int64_t group_size, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace gptfast

@@ -9,6 +9,7 @@
 #define GPTFAST_LAUNCH_MATH_ONLY
 #include "launch.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -260,6 +261,32 @@ static void check_sampling() {
   }
 }
 
+// Quantized GEMV (quant_linear.cu): warp w of block (bx, by) owns column n = bx * kQLinWarps + w and
+// rows by * R .. by * R + R - 1 (R = qlin_rows(M)) clipped to M: every (m, n) output exactly once.
+static void check_quant_linear() {
+  for (int64_t M : {int64_t(1), int64_t(2), int64_t(3), int64_t(5), int64_t(16), int64_t(17), int64_t(33),
+                    int64_t(1000)}) {
+    const int R = qlin_rows(M);
+    CHECK(R >= 1 && R <= kQLinMaxRows && (R & (R - 1)) == 0 && R >= std::min<int64_t>(M, kQLinMaxRows),
+          "qlin_rows(%lld) = %d", (long long)M, R);
+    for (int64_t N : {int64_t(1), int64_t(37), int64_t(768), int64_t(50257)}) {
+      const Launch l = qlin_launch(M, N);
+      CHECK(launch_fits(l), "quant linear launch M=%lld N=%lld", (long long)M, (long long)N);
+      CHECK(l.block.x == 32 * kQLinWarps, "whole warps, kQLinWarps of them");
+      CHECK(covers_once(M * N, [&](auto emit) {
+              for (int64_t by = 0; by < l.grid.y; ++by)
+                for (int64_t bx = 0; bx < l.grid.x; ++bx)
+                  for (int64_t w = 0; w < kQLinWarps; ++w) {
+                    const int64_t n = bx * kQLinWarps + w;
+                    if (n >= N) continue;
+                    for (int64_t m = by * R; m < std::min<int64_t>(M, by * R + R); ++m) emit(m * N + n);
+                  }
+            }),
+            "quant linear outputs M=%lld N=%lld", (long long)M, (long long)N);
+    }
+  }
+}
+
 // Broken mappings the checkers must reject.
 static int self_test() {
   g_quiet = true;
@@ -317,6 +344,7 @@ int main(int argc, char** argv) {
   check_gelu();
   check_decode();
   check_sampling();
+  check_quant_linear();
   if (g_failures) {
     std::printf("%d launch-math checks failed\n", g_failures);
     return 1;

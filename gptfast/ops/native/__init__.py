@@ -57,7 +57,8 @@ def unsupported(op: str, device_type: str = "cpu", dtype: torch.dtype | None = N
         return f"no native {device_type.upper()} kernel registered for {op}"
     if op in ("layer_norm", "gelu_mlp") and device_type == "cpu" and dtype is not None and dtype not in _CPU_DTYPES:
         return f"native CPU {op} supports float32 and float64, got {dtype}"
-    if op in ("layer_norm", "gelu_mlp", "sample") and device_type == "cuda" and dtype is not None and dtype not in _CUDA_DTYPES:
+    if (op in ("layer_norm", "gelu_mlp", "sample", "quantized_linear") and device_type == "cuda" and dtype is not None
+            and dtype not in _CUDA_DTYPES):
         return f"native CUDA {op} supports float32, float16 and bfloat16, got {dtype}"
     if op in _ATTENTION_OPS:
         return _attention.unsupported(op, device_type=device_type, dtype=dtype, **call)
