@@ -215,6 +215,79 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
         quantized_linear(x, qweight, scale, bits=8, group_size=None)
 
 
+# ----------------------------------------------------------------------------- compiled for sm_80 / sm_90
+#
+# The interpreter checks the kernels' arithmetic, not that Triton can compile them: a construct the
+# interpreter accepts (a reshape, a 1-row arange, a constexpr branch) may fail to lower for a GPU.
+# Triton compiles ahead of time without a device (triton.compile with a GPUTarget: ttir -> ttgir ->
+# llir -> ptx -> cubin through the wheel's ptxas), so CI compiles real specializations here, in a
+# subprocess without TRITON_INTERPRET (conftest turned it on for this process).
+
+_AOT = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gptfast.kernels import quant_linear as ql
+
+TY = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+out = []
+for dtype, bits, group, zero, use_dot, block_m, gemm_cfg, arch in json.loads(sys.argv[1]):
+    cfg = (ql._GEMM if use_dot else ql._GEMV).configs[gemm_cfg]
+    sig = {"X": TY[dtype], "QW": "*i8" if bits == 8 else "*u8", "S": "*fp32" if group == 0 else "*fp16",
+           "Z": "*fp16", "BIAS": TY[dtype], "Y": TY[dtype]}
+    for a in ("M", "N", "K", "M_BUCKET", "stride_xm", "stride_qn", "stride_sn"):
+        sig[a] = "i32"
+    consts = dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_BIAS=True, USE_DOT=use_dot,
+                  PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, **cfg.kwargs)
+    sig.update({k: "constexpr" for k in consts})
+    k = triton.compile(ASTSource(fn=ql._quant_linear_kernel, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    out.append(len(k.asm["cubin"]))
+print(json.dumps(out))
+"""
+
+
+def _aot_compile(specs) -> list[int]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT, json.dumps(specs)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, f"Triton could not compile the quantized linear kernel:\n{res.stderr[-6000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_compiles_for_sm80_and_sm90():
+    """A GEMV and a GEMM specialization of each weight kind (int8 per channel, int8 groups, int4 with
+    a zero point), bf16 / fp16 / fp32, to cubin for sm_80 and sm_90."""
+    specs = [("bf16", 8, 0, False, False, 1, 0, 90), ("fp16", 4, 128, True, False, 4, 1, 80),
+             ("fp32", 8, 32, False, True, 16, 0, 90), ("bf16", 4, 32, True, True, 64, 1, 80)]
+    sizes = _aot_compile(specs)
+    assert len(sizes) == len(specs) and all(n > 0 for n in sizes)
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles():
+    """Every GPU autotune config of both kernels x every format x every dtype (sm_90), plus sm_80."""
+    from gptfast.kernels import quant_linear as ql
+
+    fmts = [(8, 0, False), (8, 32, False), (8, 128, False), (4, 32, False), (4, 64, True), (4, 128, True)]
+    specs = []
+    for use_dot, kern in ((False, ql._GEMV), (True, ql._GEMM)):
+        for i in range(len(kern.configs)):
+            for j, (bits, group, zero) in enumerate(fmts):
+                dtype = ("fp32", "fp16", "bf16")[(i + j) % 3]
+                block_m = (16, 32, 64)[j % 3] if use_dot else (1, 2, 4)[j % 3]
+                specs.append((dtype, bits, group, zero, use_dot, block_m, i, 90 if j % 2 else 80))
+    assert len(_aot_compile(specs)) == len(specs)
+
+
 # ----------------------------------------------------------------------------- GPU benchmark script
 
 
