@@ -31,4 +31,4 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 exec "$SANITIZER" --tool "$TOOL" --error-exitcode 1 --print-limit 20 \
-  python -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider "$@"
+  python -m pytest tests/test_cuda_ops.py tests/test_cuda_quant.py -q -x -p no:cacheprovider "$@"
