@@ -144,6 +144,34 @@ def test_zero_scale_group_and_extreme_codes():
         assert_error_within(y, _truth(x, qweight, scale, zero, None, bits, group), base, what=fmt)
 
 
+@pytest.mark.parametrize("fmt", ["int8-g32", "int4-g32-zp"])
+def test_quantized_model_forward_on_triton(fmt):
+    """A small GPT quantized with gptfast.quantize (every linear and the tied head, N = 65 odd) run
+    with backend='triton' (every op a Triton kernel, the quantized linears included) vs the fp64
+    truth: the fp32 model on the dequantized weights, in fp64; baseline: that model in fp32."""
+    import copy
+
+    from gptfast.config import GPTConfig
+    from gptfast.model import GPT
+    from gptfast.quantize import QuantLinear, quantize
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", dropout=0.0, n_embd=128, n_head=4, block_size=24),
+                backend="reference").eval()
+    q = quantize(copy.deepcopy(model), fmt)
+    d = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, QuantLinear):
+                d.get_submodule(name).weight.copy_(m.dequantized_weight())
+        q, d = q.to(DEVICE), d.to(DEVICE)
+        idx = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        truth = copy.deepcopy(d).double()(idx)[0]
+        baseline = d(idx)[0]
+        q.backend = "triton"
+        assert_error_within(q(idx)[0], truth, baseline, what=f"quantized GPT {fmt} on triton")
+
+
 # ----------------------------------------------------------------------------- backend protocol
 
 
