@@ -194,6 +194,21 @@ def test_dispatch_rules():
         ops.quantized_linear(x.double(), qweight, scale, bias=b.double(), bits=8, group_size=None, backend="triton")
 
 
+def test_opcheck_custom_op():
+    """torch.library.opcheck of gptfast_triton::quantized_linear (schema, fake kernel for
+    torch.compile, dispatch), both paths, with and without zero / bias."""
+    import gptfast.kernels.quant_linear  # noqa: F401  (registers the op)
+
+    utils = None if CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
+    for fmt, M, bias in (("int8", 2, True), ("int4-g32-zp", 5, False)):
+        x, qweight, scale, zero, b, bits, group = _make(fmt, (M,), 7, 64, torch.float32, bias)
+        args = (x, qweight, scale, zero, b, bits, group or 0)
+        if utils is None:
+            torch.library.opcheck(torch.ops.gptfast_triton.quantized_linear.default, args)
+        else:
+            torch.library.opcheck(torch.ops.gptfast_triton.quantized_linear.default, args, test_utils=utils)
+
+
 def test_act_int8_is_ignored_weight_only():
     """act_int8 (the native CPU option) does not change the Triton result: weight-only math."""
     x, qweight, scale, zero, b, bits, group = _make("int8-g32", (2,), 37, 96, torch.float32, True)
