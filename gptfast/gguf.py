@@ -1,7 +1,8 @@
 """GGUF export: a gptfast (or imported nanoGPT / Hugging Face) GPT-2 as a file llama.cpp loads.
 
     from gptfast.gguf import save_gguf
-    save_gguf(model, "gpt2-q8_0.gguf", dtype="q8_0")      # f32 | f16 | bf16 | q8_0
+    save_gguf(model, "gpt2-q8_0.gguf", dtype="q8_0")      # f32 | f16 | bf16 | q8_0 | q4_0
+    save_gguf(gptfast.quantize(model, "int4-g32"), "gpt2-q4_0.gguf")   # its own blocks, copied
     gptfast export-gguf --checkpoint out/ckpt.pt --out model.gguf --dtype f16
 
 Needs the `gguf` package (`pip install gptfast[gguf]`), llama.cpp's own Python writer.
@@ -37,7 +38,19 @@ converter falls back).
 q8_0 (ggml's `block_q8_0`, ggml-quants.c `quantize_row_q8_0_ref`): each row is cut into blocks
 of 32 values; a block stores d = max|x| / 127 as fp16 followed by 32 int8 q = roundf(x / d)
 (round half away from zero, computed as x * (1/d) in fp32; d = 0 gives q = 0); dequantised,
-x' = q * fp16(d). `quantize_q8_0` below is that reference, bit for bit.
+x' = q * fp16(d). `quantize_q8_0` below is that reference, bit for bit. q4_0 (`block_q4_0`: fp16 d,
+then 16 bytes holding 32 nibbles, value j in the low and j + 16 in the high nibble of byte j;
+x' = (nibble - 8) * d) from an fp32 model is `gptfast.ops.quant.quantize_weight(w, 4, 32)`
+(llama.cpp's rule d = max / -8, the same fp16 scales; a nibble can differ by one level where
+w / d is within d's fp16 rounding of a rounding boundary: ggml divides by the unrounded d, gptfast
+by the stored one, the nearer level for the weight that is then computed with).
+
+Quantized models (`gptfast.quantize`, issue #20): "int8-g32" is q8_0 and "int4-g32" is q4_0 block
+for block (the same scales, the same values, the same nibble order), so their blocks are copied,
+not requantized: llama.cpp then computes with exactly the weights gptfast does. "bf16" is written
+as BF16. Other formats (int8 per channel, int4 with 64 / 128 groups or a zero point) have no
+GGUF type of the same layout and are refused (export the fp32 checkpoint, or int8-g32 / int4-g32).
+A model quantized with head=False keeps its embedding / head in fp32: written f32.
 
 What llama.cpp's `gpt2` graph cannot represent is refused with a `GGUFExportError` (a ValueError and a
 `gptfast.errors.UserError`): an exact-erf GELU
@@ -60,11 +73,13 @@ import torch
 from gptfast.errors import GGUFDependencyError, GGUFExportError
 from gptfast.io.atomic import write_file_atomic
 
-__all__ = ["GGUF_DTYPES", "QK8_0", "GGUFExportError", "dequantize_q8_0", "gguf_tensor_map", "quantize_q8_0",
+__all__ = ["FORMAT_GGUF_DTYPE", "GGUF_DTYPES", "QK8_0", "GGUFExportError", "dequantize_q8_0", "gguf_tensor_map", "quantize_q8_0",
            "save_gguf"]
 
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# gptfast.quantize formats written as they are -> the GGUF type of the same layout
+FORMAT_GGUF_DTYPE = {"int8-g32": "q8_0", "int4-g32": "q4_0", "bf16": "bf16"}
 QK8_0 = 32  # values per q8_0 block (ggml-common.h)
 # Activations llama.cpp's gpt2 graph computes: ggml_gelu, the tanh approximation (GPT-2's gelu_new).
 _TANH_GELU = (None, "gelu_tanh", "gelu_new", "gelu_pytorch_tanh")
@@ -120,31 +135,70 @@ def _q8_0_bytes(x: torch.Tensor):
     return np.ascontiguousarray(torch.cat([d8, q8], dim=-1).reshape(x.shape[0], -1).numpy())
 
 
+def _blocks_bytes(qweight: torch.Tensor, scale: torch.Tensor, bytes_per_block: int):
+    """GGUF rows from a quantized weight with groups of 32: per block, the fp16 scale's 2 bytes
+    then the block's `bytes_per_block` bytes of qweight (32 int8 for q8_0, 16 packed bytes for q4_0:
+    `gptfast.ops.quant` packs nibbles in q4_0's order). (N, K / 32 * (2 + bytes_per_block)) uint8."""
+    import numpy as np
+
+    N, G = scale.shape
+    d8 = scale.detach().to("cpu").contiguous().view(torch.uint8).reshape(N, G, 2)
+    q8 = qweight.detach().to("cpu").contiguous().view(torch.uint8).reshape(N, G, bytes_per_block)
+    return np.ascontiguousarray(torch.cat([d8, q8], dim=-1).reshape(N, -1).numpy())
+
+
+def _q4_0_bytes(x: torch.Tensor):
+    """q4_0 bytes of a 2-D float tensor (K a multiple of 32), quantized by `gptfast.ops.quant`."""
+    from gptfast.ops.quant import quantize_weight
+
+    if x.shape[-1] % QK8_0 != 0:
+        raise GGUFExportError(f"q4_0: the last dimension must be a multiple of {QK8_0}, got shape {tuple(x.shape)}")
+    q, d, _ = quantize_weight(x.detach().float(), 4, 32)
+    return _blocks_bytes(q, d, 16)
+
+
+def _quantized_source(m):
+    """(qweight, scale, weight_format) of a QuantLinear / QuantEmbedding, else None."""
+    fmt = getattr(m, "weight_format", None)
+    if fmt is None or fmt == "bf16" or not hasattr(m, "bits"):
+        return None
+    src = m.tied_to if getattr(m, "tied_to", None) is not None else m
+    return src.qweight, src.scale, fmt
+
+
 # ----------------------------------------------------------------------------- layout
 
 
-def gguf_tensor_map(model) -> list[tuple[str, torch.Tensor]]:
+def gguf_tensor_map(model) -> list[tuple[str, Any]]:
     """[(GGUF tensor name, our tensor)] in the order llama.cpp's converter writes them; zero
-    biases where the model has none (see the module docstring)."""
+    biases where the model has none (see the module docstring). A quantized matrix
+    (`gptfast.quantize`) appears as its module (QuantLinear / QuantEmbedding), whose blocks are
+    copied."""
     t = model.transformer
     c = model.config
 
     def bias(mod, n):
-        return mod.bias if mod.bias is not None else torch.zeros(n, dtype=mod.weight.dtype)
+        return mod.bias if mod.bias is not None else torch.zeros(n, dtype=torch.float32)
 
-    out = [("token_embd.weight", t.wte.weight), ("position_embd.weight", t.wpe.weight)]
+    def matrix(mod):
+        return mod if _quantized_source(mod) is not None else mod.weight
+
+    out = [("token_embd.weight", matrix(t.wte)), ("position_embd.weight", t.wpe.weight)]
     for i, blk in enumerate(t.h):
         p = f"blk.{i}."
         out += [
             (p + "attn_norm.weight", blk.ln_1.weight), (p + "attn_norm.bias", bias(blk.ln_1, c.n_embd)),
-            (p + "attn_qkv.weight", blk.attn.c_attn.weight), (p + "attn_qkv.bias", bias(blk.attn.c_attn, 3 * c.n_embd)),
-            (p + "attn_output.weight", blk.attn.c_proj.weight), (p + "attn_output.bias", bias(blk.attn.c_proj, c.n_embd)),
+            (p + "attn_qkv.weight", matrix(blk.attn.c_attn)), (p + "attn_qkv.bias", bias(blk.attn.c_attn, 3 * c.n_embd)),
+            (p + "attn_output.weight", matrix(blk.attn.c_proj)), (p + "attn_output.bias", bias(blk.attn.c_proj, c.n_embd)),
             (p + "ffn_norm.weight", blk.ln_2.weight), (p + "ffn_norm.bias", bias(blk.ln_2, c.n_embd)),
-            (p + "ffn_up.weight", blk.mlp.c_fc.weight), (p + "ffn_up.bias", bias(blk.mlp.c_fc, c.n_inner)),
-            (p + "ffn_down.weight", blk.mlp.c_proj.weight), (p + "ffn_down.bias", bias(blk.mlp.c_proj, c.n_embd)),
+            (p + "ffn_up.weight", matrix(blk.mlp.c_fc)), (p + "ffn_up.bias", bias(blk.mlp.c_fc, c.n_inner)),
+            (p + "ffn_down.weight", matrix(blk.mlp.c_proj)), (p + "ffn_down.bias", bias(blk.mlp.c_proj, c.n_embd)),
         ]
     out += [("output_norm.weight", t.ln_f.weight), ("output_norm.bias", bias(t.ln_f, c.n_embd))]
-    if model.lm_head.weight.data_ptr() != t.wte.weight.data_ptr():
+    if _quantized_source(model.lm_head) is not None:
+        if getattr(t.wte, "tied_to", None) is not model.lm_head:
+            out.append(("output.weight", model.lm_head))
+    elif not hasattr(t.wte, "weight") or model.lm_head.weight.data_ptr() != t.wte.weight.data_ptr():
         out.append(("output.weight", model.lm_head.weight))
     return out
 
@@ -161,8 +215,14 @@ def _check_model(model) -> None:
                          "computes the tanh-approximation GELU (expected 'gelu_tanh'); an exact-erf GELU model "
                          "would run as a different function there")
     # The embedding and the head must have the shapes llama.cpp derives from the metadata.
+    fmt = getattr(model, "weight_format", None)
+    if fmt is not None and fmt not in FORMAT_GGUF_DTYPE:
+        raise GGUFExportError(
+            f"save_gguf: the model's weights are in format {fmt!r}, which has no GGUF type of the same layout; "
+            f"formats written as they are: {', '.join(f'{k} as {v}' for k, v in FORMAT_GGUF_DTYPE.items())} "
+            "(or export the fp32 checkpoint with dtype q8_0 / q4_0)")
     for name, w in gguf_tensor_map(model):
-        if not torch.isfinite(w).all():
+        if torch.is_tensor(w) and not torch.isfinite(w).all():
             raise GGUFExportError(f"save_gguf: tensor {name} holds NaN or inf values")
 
 
@@ -215,10 +275,13 @@ def _check_tokenizer(model, tokenizer) -> None:
 # ----------------------------------------------------------------------------- writer
 
 
-def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None, name: str | None = None) -> Path:
+def save_gguf(model, path: str | os.PathLike, dtype: str | None = None, tokenizer=None,
+              name: str | None = None) -> Path:
     """Write `model` (a gptfast GPT) as a GGUF file llama.cpp loads with its `gpt2` architecture.
 
-    dtype: 'f32', 'f16', 'bf16' or 'q8_0' for the weight matrices (see the module docstring).
+    dtype: 'f32', 'f16', 'bf16', 'q8_0' or 'q4_0' for the weight matrices (see the module
+    docstring); None: 'f32', or for a quantized model its own type (int8-g32: q8_0, int4-g32:
+    q4_0, bf16: bf16), which is then the only one accepted (its blocks are copied).
     tokenizer: None or a `GPT2Tokenizer` (the model's vocabulary must be GPT-2 BPE, 50257 ids, or
     nanoGPT's 50304 with padding). name: `general.name` (default: the file's stem).
     The write is atomic (gptfast.io.atomic): a temporary file beside `path`, fsync'ed, renamed over
@@ -227,9 +290,16 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
     gguf = _require_gguf()
     import numpy as np
 
+    _check_model(model)
+    fmt = getattr(model, "weight_format", None)
+    own = FORMAT_GGUF_DTYPE.get(fmt)
+    if dtype is None:
+        dtype = own or "f32"
     if dtype not in GGUF_DTYPES:
         raise GGUFExportError(f"save_gguf: dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
-    _check_model(model)
+    if own is not None and dtype != own:
+        raise GGUFExportError(f"save_gguf: the model's weights are {fmt}, written as they are as {own}; got dtype "
+                              f"{dtype!r} (export the fp32 checkpoint to choose another type)")
     _check_tokenizer(model, tokenizer)
     c = model.config
     path = Path(path).absolute()
@@ -237,9 +307,11 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
         raise GGUFExportError(f"save_gguf: path {path} is a directory, expected a file name (e.g. model.gguf)")
     path.parent.mkdir(parents=True, exist_ok=True)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), "gpt2")
@@ -261,11 +333,21 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
         w.add_eos_token_id(50256)
         w.add_add_bos_token(False)
         for tname, t in gguf_tensor_map(model):
+            src = None if torch.is_tensor(t) else _quantized_source(t)
+            if src is not None:  # int8-g32 / int4-g32: its blocks, copied
+                q, d, _ = src
+                if qtype == gguf.GGMLQuantizationType.Q8_0:
+                    w.add_tensor(tname, _blocks_bytes(q, d, 32), raw_dtype=qtype)
+                else:
+                    w.add_tensor(tname, _blocks_bytes(q, d, 16), raw_dtype=qtype)
+                continue
             t = t.detach().to("cpu", torch.float32).contiguous()
             want = qtype
+            if fmt is not None and fmt != "bf16":
+                want = gguf.GGMLQuantizationType.F32  # head=False: the fp32 embedding / head stay f32
             if t.dim() <= 1 or tname == "position_embd.weight":
                 want = gguf.GGMLQuantizationType.F32  # the converter's rule (see the docstring)
-            elif want == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % QK8_0 != 0:
+            elif want in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0) and t.shape[-1] % QK8_0 != 0:
                 want = gguf.GGMLQuantizationType.F16
             if want == gguf.GGMLQuantizationType.F32:
                 w.add_tensor(tname, t.numpy().copy())
@@ -274,6 +356,8 @@ def save_gguf(model, path: str | os.PathLike, dtype: str = "f32", tokenizer=None
             elif want == gguf.GGMLQuantizationType.BF16:
                 b = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
                 w.add_tensor(tname, b, raw_shape=tuple(t.shape), raw_dtype=want)
+            elif want == gguf.GGMLQuantizationType.Q4_0:
+                w.add_tensor(tname, _q4_0_bytes(t), raw_dtype=want)
             else:
                 w.add_tensor(tname, _q8_0_bytes(t), raw_dtype=want)
         w.write_header_to_file()

@@ -160,8 +160,8 @@ def test_refusals(tiny, tmp_path):
     out = tmp_path / "m.gguf"
     from gptfast.errors import UserError
 
-    with pytest.raises(ValueError, match="dtype must be one of f32, f16, bf16, q8_0, got 'q4_0'") as e:
-        save_gguf(tiny, out, dtype="q4_0")
+    with pytest.raises(ValueError, match="dtype must be one of f32, f16, bf16, q8_0, q4_0, got 'q5_0'") as e:
+        save_gguf(tiny, out, dtype="q5_0")
     assert isinstance(e.value, UserError)  # the CLI prints it as one line
     with pytest.raises(ValueError, match="CharTokenizer cannot be written"):
         save_gguf(tiny, out, tokenizer=CharTokenizer("ab"))
@@ -225,7 +225,7 @@ def test_llama_cpp_greedy_tokens_equal_gptfast(tmp_path):
     fresh init's near-flat logits would let fp32 summation order flip an argmax; a scaled tied head
     would just repeat the last token whatever the attention does)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in peer: pip install 'gptfast[peers]'")
-    from gptfast.engine import generate
+    from gptfast import generate
 
     m = _model(seed=1, n_layer=2, n_head=4, n_embd=64, block_size=128, tie_weights=False)
     with torch.no_grad():

@@ -18,9 +18,16 @@ def add_parser(sub) -> None:
     src.add_argument("--checkpoint", help="any checkpoint `gptfast generate --checkpoint` accepts")
     src.add_argument("--preset", help="a preset name, randomly initialised (for smoke tests)")
     p.add_argument("--out", required=True, help="the .gguf file to write (replaced atomically)")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="weight matrices' type (norms, biases and positions stay f32; default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="weight matrices' type (norms, biases and positions stay f32; default: f32, or a "
+                        "quantized checkpoint's own: int8-g32 as q8_0, int4-g32 as q4_0, bf16 as bf16, blocks copied)")
     p.set_defaults(func=run)
+
+
+def _default_dtype(model) -> str:
+    from gptfast.gguf import FORMAT_GGUF_DTYPE
+
+    return FORMAT_GGUF_DTYPE.get(getattr(model, "weight_format", None), "f32")
 
 
 def run(args) -> int:
@@ -31,5 +38,6 @@ def run(args) -> int:
         path = save_gguf(model, args.out, dtype=args.dtype, tokenizer=tokenizer)
     except ImportError as e:
         raise UserError(str(e)) from None
-    print(f"wrote {path} ({what}, {args.dtype}, {os.path.getsize(path) / 1e6:.1f} MB)")
+    dtype = args.dtype or _default_dtype(model)
+    print(f"wrote {path} ({what}, {dtype}, {os.path.getsize(path) / 1e6:.1f} MB)")
     return 0
