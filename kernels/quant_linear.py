@@ -147,23 +147,22 @@ _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP", "HAS_ZERO", "USE_DOT", "PRECISION
 
 # GEMV: few rows, so register use is BLOCK_M x BLOCK_N x BLOCK_K fp32 products per chunk; narrow
 # n tiles also give the small layers of GPT-2 (N = 768) enough programs to fill the SMs.
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bn, bk, w, s in [(8, 256, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3),
+                                     (32, 256, 8, 3), (8, 512, 8, 2), (64, 128, 8, 3)]]
+GEMM_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bn, bk, w, s in [(32, 128, 4, 4), (64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3),
+                                     (128, 128, 8, 3), (32, 256, 4, 3)]]
+
 _GEMV = triton.autotune(
-    configs=configs(
-        gpu=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-             for bn, bk, w, s in [(8, 256, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3),
-                                  (32, 256, 8, 3), (8, 512, 8, 2), (64, 128, 8, 3)]],
-        interp=[triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=1, num_stages=1)],
-    ),
+    configs=configs(gpu=GEMV_CONFIGS,
+                    interp=[triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=1, num_stages=1)]),
     key=_KEY,
 )(_quant_linear_kernel)
 
 _GEMM = triton.autotune(
-    configs=configs(
-        gpu=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-             for bn, bk, w, s in [(32, 128, 4, 4), (64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3),
-                                  (128, 128, 8, 3), (32, 256, 4, 3)]],
-        interp=[triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)],
-    ),
+    configs=configs(gpu=GEMM_CONFIGS,
+                    interp=[triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)]),
     key=_KEY,
 )(_quant_linear_kernel)
 
@@ -225,6 +224,15 @@ def quantized_linear_op(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
+    _launch(x, qweight, scale, zero, bias, y, bits, group_size)
+    return y
+
+
+def _launch(x, qweight, scale, zero, bias, y, bits: int, group_size: int, config: triton.Config | None = None):
+    """Run the kernel for x (M, K) into y (M, N): autotuned, or with an explicit `config` (one of
+    GEMV_CONFIGS / GEMM_CONFIGS; tests run every GPU config's tiling in the interpreter)."""
+    M, K = x.shape
+    N = qweight.shape[0]
     x, qweight = _unit_last(x), _unit_last(qweight)
     scale = scale.contiguous()  # (N,) or (N, K/g): zero shares its row stride
     zero = None if zero is None else zero.contiguous()
@@ -232,18 +240,20 @@ def quantized_linear_op(
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     if not use_dot:
         block_m = triton.next_power_of_2(M)
-    kernel = _GEMM if use_dot else _GEMV
+    kernel, meta = (_GEMM if use_dot else _GEMV), {}
+    if config is not None:
+        kernel, meta = _quant_linear_kernel, dict(config.kwargs, num_warps=config.num_warps,
+                                                  num_stages=1 if INTERPRET else config.num_stages)
 
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+    def grid(m):
+        return (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(M, block_m))
 
     wrap_triton(kernel)[grid](
         x, qweight, scale, zero, bias, y, M, N, K, bucket(M),
         x.stride(0), qweight.stride(0), scale.stride(0),
         BITS=bits, GROUP=group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        USE_DOT=use_dot, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+        USE_DOT=use_dot, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, **meta,
     )
-    return y
 
 
 @quantized_linear_op.register_fake

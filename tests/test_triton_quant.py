@@ -115,6 +115,34 @@ def test_several_k_chunks_and_n_tiles():
     _check("int8-g32", (6,), 70, 320, torch.float32, bias=False)
 
 
+def _every_gpu_config_cases():
+    from gptfast.kernels import quant_linear as ql
+
+    fmts = ["int8", "int8-g32", "int4-g32", "int4-g64-zp", "int8-g128", "int4-g128-zp"]
+    cases = []
+    for path, cfgs, M in (("gemv", ql.GEMV_CONFIGS, 3), ("gemm", ql.GEMM_CONFIGS, 20)):
+        for i in range(len(cfgs)):
+            cases.append(pytest.param(path, i, fmts[i % len(fmts)], M, id=f"{path}{i}-{fmts[i % len(fmts)]}"))
+    return cases
+
+
+@pytest.mark.parametrize("path,i,fmt,M", _every_gpu_config_cases())
+def test_every_gpu_config_tiling_in_the_interpreter(path, i, fmt, M):
+    """The interpreter runs one small config per kernel; a GPU autotunes over GEMV_CONFIGS /
+    GEMM_CONFIGS (BLOCK_N 8..128, BLOCK_K 128..512: up to 16 groups per chunk). Each GPU config's
+    tiling, run here explicitly, on N and K that leave partial tiles and chunks."""
+    from gptfast.kernels import quant_linear as ql
+
+    bits, group, _ = FORMATS[fmt]
+    cfg = (ql.GEMV_CONFIGS if path == "gemv" else ql.GEMM_CONFIGS)[i]
+    K = 200 if group is None else 640
+    x, qweight, scale, zero, b, bits, group = _make(fmt, (M,), 70, K, torch.float32, True, seed=i)
+    y = torch.empty(M, 70, device=DEVICE)
+    ql._launch(x, qweight, scale, zero, b, y, bits, group or 0, config=cfg)
+    base = ops.quantized_linear(x, qweight, scale, zero, b, bits=bits, group_size=group, backend="reference")
+    assert_error_within(y, _truth(x, qweight, scale, zero, b, bits, group), base, what=f"{path} config {cfg}")
+
+
 def test_strided_x_and_zero_rows():
     """x whose rows are not contiguous in memory; M = 0 returns an empty (0, N) result."""
     x, qweight, scale, zero, b, bits, group = _make("int8-g32", (3,), 37, 96, torch.float32, True)
@@ -277,7 +305,7 @@ from gptfast.kernels import quant_linear as ql
 TY = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 out = []
 for dtype, bits, group, zero, use_dot, block_m, gemm_cfg, arch in json.loads(sys.argv[1]):
-    cfg = (ql._GEMM if use_dot else ql._GEMV).configs[gemm_cfg]
+    cfg = (ql.GEMM_CONFIGS if use_dot else ql.GEMV_CONFIGS)[gemm_cfg]
     sig = {"X": TY[dtype], "QW": "*i8" if bits == 8 else "*u8", "S": "*fp32" if group == 0 else "*fp16",
            "Z": "*fp16", "BIAS": TY[dtype], "Y": TY[dtype]}
     for a in ("M", "N", "K", "M_BUCKET", "stride_xm", "stride_qn", "stride_sn"):
@@ -322,8 +350,8 @@ def test_every_autotune_config_compiles():
 
     fmts = [(8, 0, False), (8, 32, False), (8, 128, False), (4, 32, False), (4, 64, True), (4, 128, True)]
     specs = []
-    for use_dot, kern in ((False, ql._GEMV), (True, ql._GEMM)):
-        for i in range(len(kern.configs)):
+    for use_dot, cfgs in ((False, ql.GEMV_CONFIGS), (True, ql.GEMM_CONFIGS)):
+        for i in range(len(cfgs)):
             for j, (bits, group, zero) in enumerate(fmts):
                 dtype = ("fp32", "fp16", "bf16")[(i + j) % 3]
                 block_m = (16, 32, 64)[j % 3] if use_dot else (1, 2, 4)[j % 3]
