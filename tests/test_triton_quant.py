@@ -122,7 +122,9 @@ def _every_gpu_config_cases():
     cases = []
     for path, cfgs, M in (("gemv", ql.GEMV_CONFIGS, 3), ("gemm", ql.GEMM_CONFIGS, 20)):
         for i in range(len(cfgs)):
-            cases.append(pytest.param(path, i, fmts[i % len(fmts)], M, id=f"{path}{i}-{fmts[i % len(fmts)]}"))
+            # a rotating format, and a 32-group one: the most groups per chunk at every BLOCK_K
+            for fmt in dict.fromkeys([fmts[i % len(fmts)], ("int8-g32", "int4-g32")[i % 2]]):
+                cases.append(pytest.param(path, i, fmt, M, id=f"{path}{i}-{fmt}"))
     return cases
 
 
