@@ -42,7 +42,8 @@ TORCH_LIBRARY(gptfast, m) {
   // Quantized matrices (issue #20): bits 8 / 4 = the block matrices w_* are quantized_linear's qweights
   // in one format (bits, group_size; 0 = per channel), with s_* (one scale per layer) and z_* (zeros:
   // empty or one per layer, entries may be None); bits 0 = float matrices, s_* and z_* empty. The
-  // head likewise with head_bits / head_group_size / s_head / z_head; act_int8 as quantized_linear's.
+  // head likewise with head_bits / head_group_size / s_head / z_head, the token embedding with
+  // wte_bits / wte_group_size / s_wte / z_wte; act_int8 as quantized_linear's (int8 matrices only).
   // Returns (B, V) fp32 logits. Python: gptfast.ops.native.decode_step / DecodeStepWeights.
   m.def(
       "decode_step(Tensor tokens, Tensor pos, Tensor wte, Tensor wpe, Tensor?[] ln1_w, Tensor?[] ln1_b, "
@@ -50,8 +51,9 @@ TORCH_LIBRARY(gptfast, m) {
       "Tensor[] w_fc, Tensor?[] b_fc, Tensor[] w_proj, Tensor?[] b_proj, Tensor? lnf_w, Tensor? lnf_b, "
       "Tensor w_head, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor?[] s_qkv, Tensor?[] z_qkv, "
       "Tensor?[] s_o, Tensor?[] z_o, Tensor?[] s_fc, Tensor?[] z_fc, Tensor?[] s_proj, Tensor?[] z_proj, "
-      "Tensor? s_head, Tensor? z_head, float eps, bool exact_gelu=False, int bits=0, int group_size=0, "
-      "int head_bits=0, int head_group_size=0, bool act_int8=False) -> Tensor");
+      "Tensor? s_head, Tensor? z_head, Tensor? s_wte, Tensor? z_wte, float eps, bool exact_gelu=False, int bits=0, "
+      "int group_size=0, int head_bits=0, int head_group_size=0, int wte_bits=0, int wte_group_size=0, "
+      "bool act_int8=False) -> Tensor");
   // x: (M, K) fp32 (CUDA: fp32 / bf16 / fp16); qweight: int8 (N, K) (bits 8) or uint8 (N, K/2) packed
   // int4 (bits 4); scale: fp32 (N,) (group_size 0 = per output channel, int8 only) or fp16 (N, K/g);
   // zero: fp16 (N, K/g) (int4 with a zero point) or None; bias: (N,) x's dtype or None. Returns

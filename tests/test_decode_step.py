@@ -25,10 +25,10 @@ def _native():
 
 
 def _setup(n_layer=2, n_head=3, n_embd=24, vocab=37, block=16, bias=True, B=3, bf16=False, seed=0,
-           activation="gelu_tanh"):
+           activation="gelu_tanh", fmt=None, head=True, act_int8=False, tie=True):
     torch.manual_seed(seed)
     cfg = GPTConfig(block_size=block, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                    dropout=0.0, bias=bias, activation=activation)
+                    dropout=0.0, bias=bias, activation=activation, tie_weights=tie)
     model = GPT(cfg, backend="native").eval()
     if bias:  # non-zero biases and LayerNorm affine parameters, so a dropped one shows
         with torch.no_grad():
@@ -37,6 +37,8 @@ def _setup(n_layer=2, n_head=3, n_embd=24, vocab=37, block=16, bias=True, B=3, b
                     p.normal_(0.0, 0.5 if "ln" in name else 0.1).add_(1.0 if name.endswith("ln_1.weight") else 0.0)
     if bf16:
         gptfast.quantize(model, "bf16")
+    if fmt is not None:
+        gptfast.quantize(model, fmt, head=head, act_int8=act_int8)
     model.setup_caches(B, block)
     w = fused_decode.step_weights(model, B)
     assert w is not None
@@ -46,7 +48,7 @@ def _setup(n_layer=2, n_head=3, n_embd=24, vocab=37, block=16, bias=True, B=3, b
         c.k.copy_(torch.randn(c.k.shape, generator=g))
         c.v.copy_(torch.randn(c.v.shape, generator=g))
     tokens = torch.randint(0, vocab, (B,), generator=g)
-    pos = torch.tensor([block - 1, 0, 5, 9, 2][:B])
+    pos = torch.tensor([block - 1, 0, 5, 9, 2] * 4)[:B]
     return model, w, tokens, pos
 
 
@@ -80,6 +82,40 @@ def test_equals_the_models_forward(cfg):
     assert all(torch.equal(c.lens, pos + 1) for c in model.kv_caches)
 
 
+# Quantized models (issue #20, gptfast.quantize's QuantLinear / QuantEmbedding): the block linears
+# through quantized_linear, c_fc -> GELU -> c_proj; the LM head and the tied embedding quantized
+# (head=True: the embedding's rows dequantized from the head's buffers) or kept fp32; act_int8.
+_Q = dict(n_head=4, n_embd=64, vocab=70)
+QUANT_CASES = [
+    dict(fmt="int8", **_Q),
+    dict(fmt="int8-g32", head=False, **_Q),
+    dict(fmt="int8-g32", B=1, activation="gelu", **_Q),
+    dict(fmt="int4-g32", **_Q),
+    dict(fmt="int4-g32-zp", bias=False, B=5, **_Q),
+    dict(fmt="int4-g128-zp", n_head=2, n_embd=128, vocab=41),
+    dict(fmt="int4-g64", tie=False, **_Q),                     # an untied head and its own QuantEmbedding
+    dict(fmt="int8", act_int8=True, **_Q),                      # int8 activations, head too
+    dict(fmt="int8-g32", act_int8=True, head=False, B=16, **_Q),
+    dict(fmt="int4-g32", act_int8=True, **_Q),                  # int4 ignores act_int8 (weight-only)
+]
+
+
+@pytest.mark.parametrize("cfg", QUANT_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k not in _Q))
+def test_quantized_model_equals_the_models_forward(cfg):
+    test_equals_the_models_forward(cfg)
+
+
+def test_quantized_generation_runs_the_fused_step():
+    model, w, tokens, pos = _setup(fmt="int8-g32", **_Q)
+    assert w.bits == 8 and w.group_size == 32 and w.head_bits == 8 and w.wte_bits == 8
+    model.clear_caches()
+    stats = {}
+    got = gptfast.generate(model, [[1, 2, 3], [4]], 5, temperature=0.0, stats=stats)
+    assert stats["decode_step"] == "native fused"
+    want = gptfast.generate(model, [[1, 2, 3], [4]], 5, temperature=0.0, backend="reference")
+    assert got == want
+
+
 def test_cache_rows_written_at_their_positions():
     model, w, tokens, pos = _setup()
     kc, _ = _caches(model)
@@ -105,14 +141,16 @@ def test_applies_only_where_it_computes_the_same():
 def _args(w, kc, vc, tokens, pos):
     d = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
     d.update(tokens=tokens, pos=pos, k_cache=kc, v_cache=vc)
-    d.update(group_size=d["group_size"] or 0, head_group_size=d["head_group_size"] or 0)  # None: per channel
+    for k in ("group_size", "head_group_size", "wte_group_size"):
+        d[k] = d[k] or 0  # None: per channel
     return d
 
 
 _ORDER = ("tokens", "pos", "wte", "wpe", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w", "ln2_b",
           "w_fc", "b_fc", "w_proj", "b_proj", "lnf_w", "lnf_b", "w_head", "k_cache", "v_cache",
-          "s_qkv", "z_qkv", "s_o", "z_o", "s_fc", "z_fc", "s_proj", "z_proj", "s_head", "z_head",
-          "eps", "exact_gelu", "bits", "group_size", "head_bits", "head_group_size", "act_int8")
+          "s_qkv", "z_qkv", "s_o", "z_o", "s_fc", "z_fc", "s_proj", "z_proj", "s_head", "z_head", "s_wte", "z_wte",
+          "eps", "exact_gelu", "bits", "group_size", "head_bits", "head_group_size", "wte_bits", "wte_group_size",
+          "act_int8")
 
 
 def _call(a):

@@ -99,7 +99,7 @@ def test_opcheck():
     kc, vc, tokens, pos = _state(2)
     args = (tokens, pos, w.wte, w.wpe, w.ln1_w, w.ln1_b, w.w_qkv, w.b_qkv, w.w_o, w.b_o, w.ln2_w, w.ln2_b,
             w.w_fc, w.b_fc, w.w_proj, w.b_proj, w.lnf_w, w.lnf_b, w.w_head, kc, vc,
-            [], [], [], [], [], [], [], [], None, None, w.eps)  # no quantized matrices
+            [], [], [], [], [], [], [], [], None, None, None, None, w.eps)  # no quantized matrices
     torch.library.opcheck(torch.ops.gptfast.decode_step.default, args)
     torch.library.opcheck(torch.ops.gptfast.decode_step.default, args + (True,))
 

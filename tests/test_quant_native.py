@@ -277,7 +277,8 @@ def test_bad_inputs_named(change, msg):
 
 def test_unsupported_rules():
     assert "float32" in native.unsupported("quantized_linear", "cpu", dtype=torch.float64, bits=8)
-    assert "act_int8" in native.unsupported("quantized_linear", "cpu", dtype=torch.float32, bits=4, act_int8=True)
+    # int4 formats ignore act_int8 in the wrapper (weight-only, as every other backend): supported
+    assert native.unsupported("quantized_linear", "cpu", dtype=torch.float32, bits=4, act_int8=True) is None
     assert native.unsupported("quantized_linear", "cpu", dtype=torch.float32, bits=8, act_int8=True) is None
 
 

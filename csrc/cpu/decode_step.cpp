@@ -18,6 +18,11 @@
 //
 // Weights come by name: one list per kind (ln1_w, w_qkv, ...), one entry per block, so no caller
 // keeps slot positions in agreement (the Python side: gptfast.ops.native.DecodeStepWeights).
+// Quantized weights (issue #20, gptfast.quantize's QuantLinear / QuantEmbedding): the block matrices
+// may be quantized_linear qweights of one format (bits, group_size) with per-layer scales / zeros, the
+// head in its own format, the token embedding too (wte_bits: rows dequantized as QuantEmbedding does);
+// the MLP is then c_fc -> at::gelu -> c_proj, as the model's MLP runs on quantized linears. act_int8
+// (int8 activations) applies to the int8 matrices, as the native wrapper does.
 // Weights are nn.Linear's (out, in) layout, used in place. Matrices may be fp32 or bf16
 // (weight-only bf16: half the bytes streamed; every product widened exactly and accumulated in
 // fp32). Activations, LayerNorm parameters, biases, wpe and the KV cache are fp32.
@@ -100,9 +105,10 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
                        const at::Tensor& w_head, at::TensorList k_cache, at::TensorList v_cache, const OptList& s_qkv,
                        const OptList& z_qkv, const OptList& s_o, const OptList& z_o, const OptList& s_fc,
                        const OptList& z_fc, const OptList& s_proj, const OptList& z_proj,
-                       const c10::optional<at::Tensor>& s_head, const c10::optional<at::Tensor>& z_head, double eps,
+                       const c10::optional<at::Tensor>& s_head, const c10::optional<at::Tensor>& z_head,
+                       const c10::optional<at::Tensor>& s_wte, const c10::optional<at::Tensor>& z_wte, double eps,
                        bool exact_gelu, int64_t bits, int64_t group_size, int64_t head_bits, int64_t head_group_size,
-                       bool act_int8) {
+                       int64_t wte_bits, int64_t wte_group_size, bool act_int8) {
   // ---- inputs: every one checked here, before anything is written to the caches
   TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
               ": tokens must be a 1-D int64 CPU tensor (B,), got ", tokens.scalar_type(), " ", tokens.sizes(), " on ",
@@ -112,11 +118,24 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == B, kOp,
               ": pos must be a 1-D int64 CPU tensor of shape (", B, "), got ", pos.scalar_type(), " ", pos.sizes(),
               " on ", pos.device());
+  TORCH_CHECK(wte_bits == 0 || wte_bits == 8 || wte_bits == 4, kOp,
+              ": wte_bits must be 0 (a float wte), 8 or 4, got ", wte_bits);
+  TORCH_CHECK(wte_bits == 0 ? !s_wte.has_value() && !z_wte.has_value() : s_wte.has_value(), kOp,
+              wte_bits == 0 ? ": s_wte and z_wte must be None when wte_bits = 0 (a float wte)"
+                            : ": s_wte must be a tensor when wte_bits != 0");
   TORCH_CHECK(wte.device().is_cpu() && wte.dim() == 2 &&
-                  (wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16),
-              kOp, ": wte must be a 2-D float32 or bfloat16 CPU tensor (V, C), got ", wte.scalar_type(), " ",
-              wte.sizes(), " on ", wte.device());
-  const int64_t C = wte.size(1);
+                  (wte_bits != 0 || wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16),
+              kOp, ": wte must be a 2-D float32 or bfloat16 CPU tensor (V, C) (or a quantized matrix with wte_bits), got ",
+              wte.scalar_type(), " ", wte.sizes(), " on ", wte.device());
+  const int64_t C = wte_bits == 0 ? wte.size(1) : wte.size(1) * (8 / wte_bits);
+  if (wte_bits != 0) {  // a quantized token embedding (e.g. the quantized LM head's matrix, tied)
+    try {
+      quantized_linear(at::empty({0, C}, wpe.options()), wte, *s_wte, z_wte, c10::nullopt, wte_bits, wte_group_size,
+                       false);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, kOp, ": wte / s_wte / z_wte: ", e.what_without_backtrace());
+    }
+  }
   TORCH_CHECK(wpe.device().is_cpu() && wpe.scalar_type() == at::kFloat && wpe.dim() == 2 && wpe.size(1) == C, kOp,
               ": wpe must be a float32 CPU tensor of shape (block_size, ", C, "), got ", wpe.scalar_type(), " ",
               wpe.sizes(), " on ", wpe.device());
@@ -212,7 +231,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
         const c10::optional<at::Tensor> z = zs[i]->size() ? zs[i]->get(l) : c10::nullopt;
         try {
           quantized_linear(at::empty({0, q.size(1) * (8 / bits)}, wpe.options()), q, *ss[i]->get(l), z,
-                           c10::nullopt, bits, group_size, act_int8);
+                           c10::nullopt, bits, group_size, act_int8 && bits == 8);
         } catch (const c10::Error& e) {
           TORCH_CHECK(false, kOp, ": layer ", l, " w_", mats[i].first, " / s_", mats[i].first, " / z_",
                       mats[i].first, ": ", e.what_without_backtrace());
@@ -232,7 +251,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
                 "matrix (V, ", C, " / ", 8 / head_bits, ") for head_bits = ", head_bits, ", got shape ", w_head.sizes());
     try {
       quantized_linear(at::empty({0, C}, wpe.options()), w_head, *s_head, z_head, c10::nullopt, head_bits,
-                       head_group_size, act_int8);
+                       head_group_size, act_int8 && head_bits == 8);
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, kOp, ": w_head / s_head / z_head: ", e.what_without_backtrace());
     }
@@ -240,7 +259,9 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   TORCH_CHECK(std::isfinite(eps) && eps > 0, kOp, ": eps must be a positive finite number, got ", eps);
 
   // ---- the forward (see the header comment)
-  at::Tensor x = wte.index_select(0, tok).to(at::kFloat);  // (B, C): a new tensor even when wte is fp32
+  // (B, C): a new tensor even when wte is fp32; quantized: the looked-up rows dequantized (QuantEmbedding)
+  at::Tensor x = wte_bits != 0 ? quantized_embedding(wte, *s_wte, z_wte, wte_bits, wte_group_size, tok)
+                               : wte.index_select(0, tok).to(at::kFloat);
   x.add_(wpe.index_select(0, ps));
   const at::Tensor lens = ps + 1;  // each row attends to positions 0..pos[b]
   const double scale = D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0;
@@ -249,7 +270,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   auto linear = [&](const at::Tensor& in, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                     const OptList& s, const OptList& z, int64_t l) {
     if (bits == 0) return skinny_linear(in, w, b);
-    return quantized_linear(in, w, *s.get(l), z.size() ? z.get(l) : c10::nullopt, b, bits, group_size, act_int8);
+    return quantized_linear(in, w, *s.get(l), z.size() ? z.get(l) : c10::nullopt, b, bits, group_size,
+                            act_int8 && bits == 8);
   };
   for (int64_t l = 0; l < L; ++l) {
     at::Tensor kc = k_cache[l], vc = v_cache[l];
@@ -268,7 +290,9 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
     }
   }
   x = std::get<0>(layer_norm_fwd(x, lnf_w, lnf_b, eps));
-  if (head_bits != 0) return quantized_linear(x, w_head, *s_head, z_head, c10::nullopt, head_bits, head_group_size, act_int8);
+  if (head_bits != 0)
+    return quantized_linear(x, w_head, *s_head, z_head, c10::nullopt, head_bits, head_group_size,
+                            act_int8 && head_bits == 8);
   return skinny_linear(x, w_head, c10::nullopt);  // (B, V) fp32
 }
 

@@ -62,8 +62,11 @@ namespace {
 
 constexpr const char* kOp = "quantized_linear";
 
-#ifndef GPTFAST_QPF_ROWS
-#define GPTFAST_QPF_ROWS 16  // prefetch distance in weight rows (as skinny_linear's PF_ROWS)
+// Software prefetch distance in bytes of weight rows ahead (rounded to whole rows, at least 16
+// rows): skinny_linear prefetches 16 fp32 rows ahead, 48 KB at K = 768; quantized rows are 2-8x
+// shorter, so 16 of them were too few lines in flight (int8 M = 1, 2 threads: 30.7 GB/s at 16 rows).
+#ifndef GPTFAST_QPF_BYTES
+#define GPTFAST_QPF_BYTES 49152
 #endif
 
 // The format, as a template parameter of the kernels.
@@ -81,6 +84,7 @@ struct QW {
   const uint16_t* zero;
   int64_t G;
   int64_t group;
+  int64_t pf;  // prefetch offset in bytes (whole rows)
 };
 
 // ------------------------------------------------------------------------ 8-lane kernel (AVX2 / generic)
@@ -117,7 +121,7 @@ GPTFAST_INLINE void gtile(const float* __restrict x, int64_t ldx, const QW& w, i
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       if (pf && (k & 63) == 0)
-        for (int j = 0; j < NR; ++j) __builtin_prefetch(q[j] + GPTFAST_QPF_ROWS * w.ldq + k, 0, 3);
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(q[j] + w.pf + k, 0, 3);
       Vf u[NR];
       for (int j = 0; j < NR; ++j) u[j] = cvt8_i8(q[j] + k);
       for (int r = 0; r < MB; ++r) {
@@ -138,7 +142,7 @@ GPTFAST_INLINE void gtile(const float* __restrict x, int64_t ldx, const QW& w, i
     const int64_t nb = K / 32, bpg = w.group / 32;
     for (int64_t b = 0; b < nb; ++b) {
       if (pf && ((b * kBpb) & 63) == 0)
-        for (int j = 0; j < NR; ++j) __builtin_prefetch(q[j] + GPTFAST_QPF_ROWS * w.ldq + b * kBpb, 0, 3);
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(q[j] + w.pf + b * kBpb, 0, 3);
       const int64_t g = b / bpg;
       float sc[NR], zc[NR];
       for (int j = 0; j < NR; ++j) {
@@ -315,15 +319,25 @@ GPTFAST_INLINE __m512 q16_i8(const uint8_t* p) {
 GPTFAST_INLINE __m512 q16_i8(const uint8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
-// Half h of an int4 block (16 bytes at p): h = 0: k 0..15 (low nibbles), 1: k 16..31 (high), centred.
-GPTFAST_INLINE __m512 q16_i4(const uint8_t* p, int h) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i u = h == 0 ? _mm512_and_si512(v, _mm512_set1_epi32(15)) : _mm512_srli_epi32(v, 4);
-  return _mm512_cvtepi32_ps(_mm512_sub_epi32(u, _mm512_set1_epi32(8)));
+// G fp16 values (raw bits) at src -> fp32 at dst (exact).
+GPTFAST_INLINE void h2f_row(const uint16_t* src, int64_t G, float* dst) {
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16)
+    _mm512_storeu_ps(dst + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + g))));
+  if (g < G) {
+    const __mmask16 m = __mmask16((1u << (G - g)) - 1u);
+    _mm512_mask_storeu_ps(dst + g, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + g)));
+  }
+}
+
+// -8, -7, ..., 7: the centred int4 values, lane i = i - 8 (an int4 table's index).
+GPTFAST_INLINE __m512 iota_m8() {
+  return _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
 }
 
 template <int F, int NR, int MB, bool kPf>
-GPTFAST_INLINE void tile512(const float* __restrict x, int64_t ldx, const QW& w, int64_t n, int64_t K, float* o) {
+GPTFAST_INLINE void tile512(const float* __restrict x, int64_t ldx, const QW& w, int64_t n, int64_t K,
+                            const float* __restrict sb, float* o) {
   __m512 acc[MB][NR];
 #pragma GCC unroll 16
   for (int r = 0; r < MB; ++r)
@@ -349,7 +363,7 @@ GPTFAST_INLINE void tile512(const float* __restrict x, int64_t ldx, const QW& w,
       if (kPf && (k & 63) == 0) {
 #pragma GCC unroll 16
         for (int j = 0; j < NR; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(q[j] + GPTFAST_QPF_ROWS * w.ldq + k), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(q[j] + w.pf + k), _MM_HINT_T1);
       }
       step(k, 0, false);
     }
@@ -365,27 +379,41 @@ GPTFAST_INLINE void tile512(const float* __restrict x, int64_t ldx, const QW& w,
       if (kPf && ((b * kBpb) & 63) == 0) {
 #pragma GCC unroll 16
         for (int j = 0; j < NR; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(q[j] + GPTFAST_QPF_ROWS * w.ldq + b * kBpb), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(q[j] + w.pf + b * kBpb), _MM_HINT_T1);
       }
       const int64_t g = b / bpg;
+      if constexpr (F == kI8G) {
 #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        __m512 u[NR];
+        for (int h = 0; h < 2; ++h) {
+          __m512 u[NR];
+#pragma GCC unroll 16
+          for (int j = 0; j < NR; ++j) u[j] = _mm512_mul_ps(q16_i8(q[j] + b * 32 + h * 16), _mm512_set1_ps(sb[j * w.G + g]));
+#pragma GCC unroll 16
+          for (int r = 0; r < MB; ++r) {
+            const __m512 p = _mm512_loadu_ps(x + r * ldx + b * 32 + h * 16);
+#pragma GCC unroll 16
+            for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(p, u[j], acc[r][j]);
+          }
+        }
+      } else {
+        // int4: the group's 16 possible weights (i - 8) s (+ z) in one register (exact products;
+        // + z rounded once: dequantize_weight's values), looked up by nibble with vpermps, which
+        // reads the low 4 bits of each index lane (no mask for the low nibbles).
+        __m512 u0[NR], u1[NR];
 #pragma GCC unroll 16
         for (int j = 0; j < NR; ++j) {
-          const __m512 s = _mm512_set1_ps(h2f_x(w.scale[(n + j) * w.G + g]));
-          const __m512 f = F == kI8G ? q16_i8(q[j] + b * 32 + h * 16) : q16_i4(q[j] + b * 16, h);
-          if constexpr (F == kI4Z) {
-            u[j] = _mm512_fmadd_ps(f, s, _mm512_set1_ps(h2f_x(w.zero[(n + j) * w.G + g])));  // f s exact
-          } else {
-            u[j] = _mm512_mul_ps(f, s);
-          }
+          const __m512 s = _mm512_set1_ps(sb[j * w.G + g]);
+          const __m512 t = F == kI4Z ? _mm512_fmadd_ps(iota_m8(), s, _mm512_set1_ps(sb[(NR + j) * w.G + g]))
+                                     : _mm512_mul_ps(iota_m8(), s);
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[j] + b * 16)));
+          u0[j] = _mm512_permutexvar_ps(v, t);
+          u1[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
         }
 #pragma GCC unroll 16
         for (int r = 0; r < MB; ++r) {
-          const __m512 p = _mm512_loadu_ps(x + r * ldx + b * 32 + h * 16);
+          const __m512 p0 = _mm512_loadu_ps(x + r * ldx + b * 32), p1 = _mm512_loadu_ps(x + r * ldx + b * 32 + 16);
 #pragma GCC unroll 16
-          for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(p, u[j], acc[r][j]);
+          for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(p1, u1[j], _mm512_fmadd_ps(p0, u0[j], acc[r][j]));
         }
       }
     }
@@ -398,14 +426,14 @@ GPTFAST_INLINE void tile512(const float* __restrict x, int64_t ldx, const QW& w,
 
 template <int F, int NR, int MB>
 GPTFAST_INLINE void tile512_mb(int64_t mb, bool first, const float* x, int64_t ldx, const QW& w, int64_t n,
-                               int64_t K, float* o) {
+                               int64_t K, const float* sb, float* o) {
   if (mb == MB) {
     if (first)
-      tile512<F, NR, MB, true>(x, ldx, w, n, K, o);
+      tile512<F, NR, MB, true>(x, ldx, w, n, K, sb, o);
     else
-      tile512<F, NR, MB, false>(x, ldx, w, n, K, o);
+      tile512<F, NR, MB, false>(x, ldx, w, n, K, sb, o);
   } else if constexpr (MB > 1) {
-    tile512_mb<F, NR, MB - 1>(mb, first, x, ldx, w, n, K, o);
+    tile512_mb<F, NR, MB - 1>(mb, first, x, ldx, w, n, K, sb, o);
   }
 }
 
@@ -413,19 +441,33 @@ template <int F, int NR, int MB>
 void range512(const float* x, int64_t ldx, const QW& w, const float* bias, float* out, int64_t M, int64_t N,
               int64_t K, int64_t n0, int64_t n1) {
   float o[MB * NR];
+  // Group formats: the tile's scales (and zeros) widened to fp32 once per tile (exact), so that the
+  // K loop broadcasts them from memory (a load) instead of converting each one (shuffle-port uops).
+  std::vector<float> sbuf(F == kI8C ? 0 : static_cast<size_t>(2 * NR * w.G));
+  float* sb = sbuf.data();
+  auto widen = [&](int64_t n, int nr) {
+    if constexpr (F != kI8C) {
+      for (int j = 0; j < nr; ++j) {
+        h2f_row(w.scale + (n + j) * w.G, w.G, sb + j * w.G);
+        if (F == kI4Z) h2f_row(w.zero + (n + j) * w.G, w.G, sb + (nr + j) * w.G);
+      }
+    }
+  };
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) {
+    widen(n, NR);
     for (int64_t m = 0; m < M; m += MB) {
       const int64_t mb = std::min<int64_t>(MB, M - m);
-      tile512_mb<F, NR, MB>(mb, m == 0, x + m * ldx, ldx, w, n, K, o);
+      tile512_mb<F, NR, MB>(mb, m == 0, x + m * ldx, ldx, w, n, K, sb, o);
       for (int64_t r = 0; r < mb; ++r)
         for (int j = 0; j < NR; ++j) out[(m + r) * N + n + j] = o[r * NR + j] + (bias ? bias[n + j] : 0.f);
     }
   }
   for (; n < n1; ++n) {
+    widen(n, 1);
     for (int64_t m = 0; m < M; m += MB) {
       const int64_t mb = std::min<int64_t>(MB, M - m);
-      tile512_mb<F, 1, MB>(mb, m == 0, x + m * ldx, ldx, w, n, K, o);
+      tile512_mb<F, 1, MB>(mb, m == 0, x + m * ldx, ldx, w, n, K, sb, o);
       for (int64_t r = 0; r < mb; ++r) out[(m + r) * N + n] = o[r] + (bias ? bias[n] : 0.f);
     }
   }
@@ -481,7 +523,7 @@ GPTFAST_INLINE void act_tile(const QX& a, int64_t m0, const QW& w, int64_t n, bo
     __m512 dw[NR];
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
-      if (pf) _mm_prefetch(reinterpret_cast<const char*>(q[j] + GPTFAST_QPF_ROWS * w.ldq + 64 * c), _MM_HINT_T1);
+      if (pf) _mm_prefetch(reinterpret_cast<const char*>(q[j] + w.pf + 64 * c), _MM_HINT_T1);
       wv[j] = _mm512_maskz_loadu_epi8(mask, q[j] + 64 * c);
       neg[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[j]));
       if constexpr (kGroup) {
@@ -699,7 +741,8 @@ at::Tensor quantized_linear(const at::Tensor& x_, const at::Tensor& qweight, con
        group_size == 0 ? nullptr : reinterpret_cast<const uint16_t*>(scale.data_ptr()),
        zero.has_value() ? reinterpret_cast<const uint16_t*>(zero->data_ptr()) : nullptr,
        group_size == 0 ? 0 : K / group_size,
-       group_size};
+       group_size,
+       std::max<int64_t>(16, GPTFAST_QPF_BYTES / std::max<int64_t>(1, qweight.size(1))) * qweight.size(1)};
   const float* xp = x.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
@@ -751,6 +794,31 @@ at::Tensor quantized_linear(const at::Tensor& x_, const at::Tensor& qweight, con
     const at::Tensor y = bias.defined() ? at::addmm(bias.narrow(0, n0, rows), x, tile.t()) : at::mm(x, tile.t());
     out.narrow(1, n0, rows).copy_(y);
   }
+  return out;
+}
+
+at::Tensor quantized_embedding(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                               int64_t bits, int64_t group_size, const at::Tensor& idx) {
+  const int64_t K = qweight.size(1) * (8 / bits), V = qweight.size(0);
+  check_inputs(at::empty({0, K}, at::kFloat), qweight, scale, zero, c10::nullopt, bits, group_size, false);
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1, kOp, ": idx must be 1-D int64, got ",
+              idx.scalar_type(), " ", idx.sizes());
+  const at::Tensor ix = idx.contiguous();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  const int64_t B = ix.size(0);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(ip[b] >= 0 && ip[b] < V, kOp, ": idx[", b, "] must be in [0, ", V, "), got ", ip[b]);
+  const int F = bits == 8 ? (group_size == 0 ? kI8C : kI8G) : (zero.has_value() ? kI4Z : kI4);
+  const QW w{reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+             qweight.size(1),
+             group_size == 0 ? scale.data_ptr<float>() : nullptr,
+             group_size == 0 ? nullptr : reinterpret_cast<const uint16_t*>(scale.data_ptr()),
+             zero.has_value() ? reinterpret_cast<const uint16_t*>(zero->data_ptr()) : nullptr,
+             group_size == 0 ? 0 : K / group_size,
+             group_size,
+             0};
+  at::Tensor out = at::empty({B, K}, qweight.options().dtype(at::kFloat));
+  for (int64_t b = 0; b < B; ++b) dequant_rows(F, w, ip[b], ip[b] + 1, K, out.data_ptr<float>() + b * K);
   return out;
 }
 

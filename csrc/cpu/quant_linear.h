@@ -16,4 +16,9 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
                             const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
                             int64_t bits, int64_t group_size, bool act_int8);
 
+// Rows `idx` (B,) int64 of the dequantized (V, C) matrix (qweight, scale, zero, bits, group_size) as a
+// (B, C) fp32 tensor, bit for bit gptfast.ops.quant.dequantize_weight's values (QuantEmbedding).
+at::Tensor quantized_embedding(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                               int64_t bits, int64_t group_size, const at::Tensor& idx);
+
 }  // namespace gptfast

@@ -65,8 +65,6 @@ def unsupported(op: str, device_type: str = "cpu", dtype: torch.dtype | None = N
     if op == "quantized_linear" and device_type == "cpu":
         if dtype is not None and dtype != torch.float32:
             return f"native CPU quantized_linear takes float32 x, got {dtype}"
-        if call.get("act_int8") and call.get("bits") != 8:
-            return f"act_int8 (int8 activations) is for the int8 formats (bits=8), got bits={call.get('bits')}"
     return None
 
 
@@ -181,12 +179,12 @@ def quantized_linear(
     kernel by CPUID); more rows multiply ~1 MB dequantized tiles with sgemm. act_int8 (int8
     formats): activations quantized per row and 32-block to int8 and integer dot products
     (llama.cpp's q8_0 x q8_0; AVX-512 VNNI where the CPU has it, else an emulation with the same
-    bits). Inference only (no autograd)."""
+    bits); int4 formats ignore it (weight-only, as the other backends). Inference only (no autograd)."""
     ensure_loaded()
     K = x.shape[-1]
     y = torch.ops.gptfast.quantized_linear(
         x.reshape(-1, K), qweight, scale, zero, bias, int(bits), 0 if group_size is None else int(group_size),
-        bool(act_int8),
+        bool(act_int8) and int(bits) == 8 and x.is_cpu,
     )
     return y.view(*x.shape[:-1], qweight.shape[0])
 
@@ -255,7 +253,9 @@ class DecodeStepWeights:
     # Quantized matrices (issue #20): bits 8 / 4 = w_qkv .. w_proj are quantized_linear qweights of
     # one format (bits, group_size: None = per channel), with one scale per layer in s_* and zeros
     # in z_* (empty = none); bits 0 = float matrices, s_* / z_* empty. The head has its own format
-    # (head_bits 0 = a float w_head). act_int8: quantized_linear's option, for every quantized matrix.
+    # (head_bits 0 = a float w_head), the token embedding too (wte_bits 0 = a float wte; else wte is
+    # a qweight, e.g. the tied quantized head's, read as QuantEmbedding does). act_int8:
+    # quantized_linear's option, applied to the int8 matrices.
     s_qkv: list[torch.Tensor] = dataclasses.field(default_factory=list)
     z_qkv: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     s_o: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -270,6 +270,10 @@ class DecodeStepWeights:
     group_size: int | None = None
     head_bits: int = 0
     head_group_size: int | None = None
+    s_wte: torch.Tensor | None = None
+    z_wte: torch.Tensor | None = None
+    wte_bits: int = 0
+    wte_group_size: int | None = None
     act_int8: bool = False
 
     LISTS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w", "ln2_b", "w_fc", "b_fc", "w_proj", "b_proj")
@@ -329,9 +333,9 @@ def decode_step(tokens: torch.Tensor, pos: torch.Tensor, weights: DecodeStepWeig
     return torch.ops.gptfast.decode_step(
         tokens, pos, w.wte, w.wpe, w.ln1_w, w.ln1_b, w.w_qkv, w.b_qkv, w.w_o, w.b_o, w.ln2_w, w.ln2_b,
         w.w_fc, w.b_fc, w.w_proj, w.b_proj, w.lnf_w, w.lnf_b, w.w_head, k_cache, v_cache,
-        w.s_qkv, w.z_qkv, w.s_o, w.z_o, w.s_fc, w.z_fc, w.s_proj, w.z_proj, w.s_head, w.z_head,
+        w.s_qkv, w.z_qkv, w.s_o, w.z_o, w.s_fc, w.z_fc, w.s_proj, w.z_proj, w.s_head, w.z_head, w.s_wte, w.z_wte,
         float(w.eps), bool(w.exact_gelu), int(w.bits), int(w.group_size or 0), int(w.head_bits),
-        int(w.head_group_size or 0), bool(w.act_int8),
+        int(w.head_group_size or 0), int(w.wte_bits), int(w.wte_group_size or 0), bool(w.act_int8),
     )
 
 

@@ -104,7 +104,8 @@ def _register_fakes() -> None:
     @reg("gptfast::decode_step")
     def _(tokens, pos, wte, wpe, ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc, w_proj, b_proj,
           lnf_w, lnf_b, w_head, k_cache, v_cache, s_qkv, z_qkv, s_o, z_o, s_fc, z_fc, s_proj, z_proj, s_head,
-          z_head, eps, exact_gelu=False, bits=0, group_size=0, head_bits=0, head_group_size=0, act_int8=False):
+          z_head, s_wte, z_wte, eps, exact_gelu=False, bits=0, group_size=0, head_bits=0, head_group_size=0,
+          wte_bits=0, wte_group_size=0, act_int8=False):
         _fake_check(tokens.dim() == 1, f"decode_step: tokens must be 1-D (B,), got {tuple(tokens.shape)}")
         _fake_check(w_head.dim() == 2, f"decode_step: w_head must be 2-D (V, C), got {tuple(w_head.shape)}")
         L = len(k_cache)
