@@ -305,6 +305,10 @@ def test_torch_backend_int8_per_channel_uses_weight_int8pack_mm(monkeypatch):
     assert len(calls) == 1
     truth, baseline = _truth_and_baseline(x, qweight, scale, zero, b, 8, None)
     assert_error_within(y, truth, baseline, what="torch int8 per channel")
+    # a prompt pass (more than 16 rows) dequantizes instead (that kernel is ~30x slower there)
+    before = len(calls)
+    ops.quantized_linear(torch.randn(17, 64), qweight, scale, None, b, bits=8, group_size=None, backend="torch")
+    assert len(calls) == before
 
 
 def test_act_int8_is_passed_and_ignored_by_weight_only_backends():

@@ -52,14 +52,20 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight.to(x.dtype), bias)  # .to: weight-only bf16 (exact widening)
 
 
+_INT8PACK_MAX_M = 16  # rows up to which the int8 per-channel path calls torch._weight_int8pack_mm
+
+
 def quantized_linear(x, qweight, scale, zero=None, bias=None, *, bits, group_size, act_int8=False):
-    """int8 per channel on CPU: `torch._weight_int8pack_mm` (what gpt-fast's int8 path lowers
-    to), which takes 2-D x in float32 / bfloat16 / float16 with a contiguous last dim and scales
-    in x's dtype (checked on torch 2.13 CPU). Else: dequantize, then `F.linear`. `act_int8` is
-    ignored (weight-only math)."""
+    """int8 per channel on CPU, decode-sized calls (M <= 16 rows): `torch._weight_int8pack_mm`
+    (what gpt-fast's int8 path lowers to), which takes 2-D x in float32 / bfloat16 / float16 with a
+    contiguous last dim and scales in x's dtype (checked on torch 2.13 CPU). Else: dequantize, then
+    `F.linear`. Why the row limit: on torch 2.13 CPU (this 2-core VM, 1 thread) it took 2.3 ms at
+    M=1, 36 ms at M=16 and 1.5 s at M=512 for a 768 x 3072 matrix, where dequantize + F.linear
+    took 1.5 / 2.3 / 42 ms: it is a decode kernel, and a prompt pass through it would take
+    minutes. `act_int8` is ignored (weight-only math)."""
     K = x.shape[-1]
     if (bits == 8 and group_size is None and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel() > 0):
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and 0 < x.numel() <= _INT8PACK_MAX_M * K):
         x2 = x.reshape(-1, K)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
