@@ -35,8 +35,13 @@ def shakespeare_rows(shakespeare_path):
 def test_shipped_model_perplexity_within_the_issue_bounds(shakespeare_rows):
     r = shakespeare_rows
     assert r["fp32"]["ppl"] < 5.0  # the trained model (a broken baseline would make ratios meaningless)
-    assert abs(r["int8"]["ppl_change_pct"]) <= 0.5, r["int8"]
+    assert abs(r["int8"]["ppl_change_pct"]) <= 0.5, r["int8"]  # the issue's targets
     assert abs(r["int4-g32"]["ppl_change_pct"]) <= 3.0, r["int4-g32"]
+    # and from the measurement (this slice: int8 +0.00 %, int4-g32 +0.55 %): ~3x. An int4 scale
+    # twice too large (max / -4, three bits' worth of levels) measured +2.6 %: inside the issue's
+    # 3 %, caught here.
+    assert abs(r["int8"]["ppl_change_pct"]) <= 0.1, r["int8"]
+    assert abs(r["int4-g32"]["ppl_change_pct"]) <= 1.5, r["int4-g32"]
     # int4 costs something: a format silently left in fp32 would show +0.00 %
     assert r["int4-g32"]["ppl_change_pct"] > 0.05, r["int4-g32"]
 
