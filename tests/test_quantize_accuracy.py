@@ -78,3 +78,28 @@ def test_gpt2_124m_kl_divergence(shakespeare_path):
 # mean KL (nats / token) bounds: ~3x the values measured (README table), seed 0, 1024 tokens
 # (measured: bf16 3.9e-6, int8 8.5e-5, int8-g32 3.7e-5, int4-g32 9.4e-3, int4-g32-zp 7.8e-3)
 KL_BOUNDS = {"bf16": 1.2e-5, "int8": 2.5e-4, "int8-g32": 1.2e-4, "int4-g32": 3e-2, "int4-g32-zp": 2.5e-2}
+
+
+def test_bench_suite_passes_its_flags(monkeypatch, tmp_path):
+    """`gptfast bench quant-accuracy --quick --out DIR` runs this module with a smoke configuration."""
+    from gptfast.cli import main
+
+    seen = []
+    monkeypatch.setattr(qa, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "quant-accuracy", "--quick", "--threads", "1", "--out", str(tmp_path / "r")]) == 0
+    argv = seen[0]
+    assert argv[argv.index("--formats") + 1] == "fp32,int8,int4-g32" and argv[argv.index("--threads") + 1] == "1"
+    assert argv[argv.index("--out") + 1].startswith(str(tmp_path / "r" / "quant_accuracy-"))
+
+
+def test_quant_accuracy_main_writes_the_table(tmp_path, capsys, shakespeare_path, monkeypatch):
+    monkeypatch.setenv("GPTFAST_SHAKESPEARE", str(shakespeare_path))
+    out = tmp_path / "acc.json"
+    assert qa.main(["--only", "shakespeare", "--formats", "int8", "--head", "quantized", "--n-val", "512",
+                    "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| int8 | quantized |" in text and "| fp32 | - |" in text
+    import json
+
+    rows = json.loads(out.read_text())["shakespeare"]
+    assert [r["format"] for r in rows] == ["fp32", "int8"]

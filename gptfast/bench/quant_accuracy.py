@@ -1,6 +1,7 @@
 """Accuracy of the weight formats (issue #20): what `gptfast.quantize` costs, measured.
 
     python -m gptfast.bench.quant_accuracy                  # both tables, markdown on stdout
+    gptfast bench quant-accuracy [--quick] [--out DIR]       # the same, from the bench command
     python -m gptfast.bench.quant_accuracy --only shakespeare --out acc.json
 
 1. The shipped Shakespeare model (`gptfast.io.default_model`): validation perplexity
@@ -232,6 +233,22 @@ def markdown(shakespeare: list[dict], kl: list[dict]) -> str:
             lines.append(f"| {r['format']} | {head} | {r['bytes'] / 1e6:.1f} MB | {r['kl_mean']:.2e} | "
                          f"{r['kl_max']:.2e} | {100 * r['top1_agreement']:.1f} % |")
     return "\n".join(lines)
+
+
+def argv_from_bench(args) -> list[str]:
+    """`gptfast bench quant-accuracy` flags -> this module's: --out DIR gets
+    quant_accuracy-<time>.json, --threads passes through, --quick makes a smoke run (int8 and
+    int4-g32, head quantized, 2,048 characters, 256 GPT-2 tokens)."""
+    argv = ["--seed", str(getattr(args, "seed", 0) or 0)]
+    if getattr(args, "threads", None):
+        argv += ["--threads", str(args.threads)]
+    if getattr(args, "quick", False):
+        argv += ["--formats", "fp32,int8,int4-g32", "--head", "quantized", "--n-val", "2048", "--n-kl", "256"]
+    out = getattr(args, "out", None)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        argv += ["--out", str(Path(out) / f"quant_accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json")]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from gptfast.bench import records
 from gptfast.bench.records import new_row
 
 BACKENDS = ("reference", "torch", "native", "triton")
-SUITES = ("ops", "generate", "train", "all", "plot")
+SUITES = ("ops", "generate", "train", "all", "plot", "quant-accuracy")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Train suite: a backend whose loss after the same steps, from the same seed and batches, differs
@@ -397,6 +397,10 @@ def main(args) -> int:
         for p in plot_run(args.from_json):
             print(f"wrote {p}")
         return 0
+    if args.suite == "quant-accuracy":  # accuracy of the weight formats (#20): its own module and table
+        from gptfast.bench import quant_accuracy
+
+        return quant_accuracy.main(quant_accuracy.argv_from_bench(args))
     _resolve_args(args)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

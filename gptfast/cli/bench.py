@@ -26,8 +26,9 @@ def run(args) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", nargs="?", default="ops", choices=SUITES,
-                   help="ops (kernels), generate (tokens/s), train (ms/iter, loss), all, or plot "
-                        "(redraw the plots of a saved run, see --from)")
+                   help="ops (kernels), generate (tokens/s), train (ms/iter, loss), all, plot "
+                        "(redraw the plots of a saved run, see --from), or quant-accuracy (perplexity, greedy "
+                        "agreement and KL of the weight formats: gptfast.bench.quant_accuracy; not in 'all')")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
