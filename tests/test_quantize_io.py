@@ -157,6 +157,7 @@ def test_cli_quantize_then_generate(tmp_path):
                  "--prompt", "ROMEO:")
     assert g2.returncode == 0, g2.stderr
     assert g.stdout == g2.stdout and len(g.stdout) > 40
+    assert "weights int8 (1.9 MB of weights, was 7.3 MB)" in g2.stderr  # the memory saved
     # and the model in Python
     model, tok = gptfast.io.default_model()
     ids = tok.encode("ROMEO:")

@@ -87,7 +87,9 @@ def run(args) -> int:
     import torch
 
     from gptfast.generation import as_dtype, stream
-    from gptfast.quantize import quantize
+    from gptfast.quantize import quantize, weight_bytes
+
+    saved = ""  # --quantize: the weights' bytes before and after, on the summary line
 
     checks = [
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
@@ -131,7 +133,9 @@ def run(args) -> int:
     else:
         model = model.to(device=device, dtype=dtype).eval()  # the command owns its model: no second copy
         if args.quantize is not None:
+            before = weight_bytes(model)
             quantize(model, args.quantize)
+            saved = f" ({weight_bytes(model) / 1e6:.1f} MB of weights, was {before / 1e6:.1f} MB)"
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give at least one character")
@@ -188,7 +192,8 @@ def run(args) -> int:
         f"prefill {1e3 * stats.get('prefill_s', 0.0):.1f} ms, {_peak_memory(device)}, "
         f"ops: {'+'.join(sorted(set(stats.get('backends', {}).values()))) or '-'}, "
         f"dtype {stats.get('dtype', args.dtype)}"
-        + (f", weights {stats['weight_format']}" if stats.get("weight_format") not in (None, stats.get("dtype")) else ""),
+        + (f", weights {stats['weight_format']}{saved}" if stats.get("weight_format") not in (None, stats.get("dtype"))
+           else ""),
         file=sys.stderr,
     )
     return 0
