@@ -407,7 +407,7 @@ def test_bad_arguments(tiny):
         gptfast.generate(tiny, [[1]], 1, weight_dtype="bf16")
     with pytest.raises(ValueError, match="pass sampling settings either as `sampling=` or as keywords"):
         gptfast.generate(tiny, [[1]], 1, generation.SamplingParams(), top_k=3)
-    with pytest.raises(ValueError, match=r"quantize: fmt must be one of \('bf16',\), got 'int3'"):
+    with pytest.raises(ValueError, match=r"quantize: fmt must be one of \('bf16', 'int8', .*\), got 'int3'"):
         gptfast.quantize(copy.deepcopy(tiny), "int3")
     with pytest.raises(ValueError, match=r"quantize: 'bf16' weights keep fp32 activations; the model's dtype is torch.float64"):
         gptfast.quantize(copy.deepcopy(tiny).double(), "bf16")
