@@ -122,7 +122,20 @@ def test_bf16_weights_row_native():
     ratio = lambda r: r["pct_of_bound"] / r["tokens_per_s"]  # noqa: E731
     n = rows[0]["weight_bytes"]
     kv = 2 * 2 * 64 * (4 + 6 / 2) * 4  # tiny: 2 layers x 64 wide, fp32 K/V at the mean length
-    assert ratio(r16) / ratio(by["engine[native]"]) == pytest.approx((n / 2 + kv) / (n + kv), rel=1e-9)
+    # its own bytes: bf16 matrices (and tied embedding), fp32 vectors; the position table is read a row at a time
+    import copy
+
+    from gptfast import GPT, GPTConfig, quantize
+    from gptfast.quantize import weight_bytes
+
+    m = GPT(GPTConfig.from_preset("tiny", dropout=0.0))
+    wpe = m.transformer.wpe.weight.numel() * 4
+    assert n == weight_bytes(m) - wpe
+    for fmt, r in (("bf16", r16), ("int8-g32", by["engine[native] int8-g32 weights"])):
+        q = weight_bytes(quantize(copy.deepcopy(m), fmt)) - wpe
+        assert q < n * (0.52 if fmt == "bf16" else 0.3)  # vectors stay fp32
+        assert ratio(r) / ratio(by["engine[native]"]) == pytest.approx((q + kv) / (n + kv), rel=1e-9), fmt
+        assert r["status"] == "ok" and r["weights"] == fmt and r["weight_format"] == fmt, r
     t = {r["backend"]: r for r in rows if r["op"] == "ttft"}
     assert t["engine[native] bf16 weights"]["status"] == "ok" and t["engine[native] bf16 weights"]["weights"] == "bf16"
     # the named bf16-dot option (llama.cpp bf16's arithmetic): timed where the CPU has avx512_bf16,

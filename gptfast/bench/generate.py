@@ -73,7 +73,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 READ_BW_LIGHT = ("sum", "max_i32")
 TTFT_PROMPTS = (16, 512)
 # Weight formats whose bytes match (for the TTFT ratio to llama.cpp): ours -> llama.cpp's
-_SAME_BYTES = {"fp32": ("f32",), "bf16": ("f16", "bf16")}
+# gptfast weight format -> llama.cpp formats of the same bytes (and the same layout for q8_0 / q4_0)
+_SAME_BYTES = {"fp32": ("f32",), "bf16": ("f16", "bf16"), "int8-g32": ("q8_0",), "int4-g32": ("q4_0",)}
+# quantized engine rows (CPU, fp32 model, native / auto): every format with a llama.cpp twin, and int8 per channel
+QUANT_FORMATS = ("int8", "int8-g32", "int4-g32")
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -126,6 +129,7 @@ def benchmark_generate(
     read_bw_bytes: int | None = None,
     ttft_prompts=TTFT_PROMPTS,
     read_bw_between: bool = True,
+    quant_formats=None,
 ) -> list[dict]:
     """Rows {op, mode, shape, backend, status, reason, tokens_per_s, ms_per_token, median_ms,
     speedup_vs_hf, gbps, pct_of_bound, pct_peak, batch, new_tokens, ...}, one per contestant per
@@ -134,7 +138,8 @@ def benchmark_generate(
     the peer formats to float32 / int8 (CTranslate2) and f32 / q8_0 (llama.cpp).
     backends: engine op backends to time ('torch', 'native', 'auto', ...); one unavailable here
     gives a row with status 'unavailable' and the reason. variants: for the native / auto
-    backend on CPU with fp32 weights, also time weight-only bf16 (`gptfast.quantize`).
+    backend on CPU with fp32 weights, also time weight-only bf16 (`gptfast.quantize`), bf16 with
+    the bf16-dot option, and `quant_formats` (default QUANT_FORMATS; ("int8-g32",) with quick).
     hf_variants: Hugging Face also without an attention mask; hf_static: also with its static
     cache (default: on); the fastest Hugging Face row is the "vs HF" baseline (`hf_baseline`),
     and rows also get `speedup_vs_hf_static` (the GPU target's baseline). compiled_too: also
@@ -191,6 +196,16 @@ def benchmark_generate(
         raise ValueError(f"benchmark_generate: peers must be a subset of {PEERS}, got {bad}")
     ct2_types = tuple(ct2_types or (("float32", "int8") if quick else CT2_TYPES))
     gguf_types = tuple(gguf_types or (("f32", "q8_0") if quick else GGUF_TYPES))
+    quant_formats = tuple(quant_formats if quant_formats is not None else (("int8-g32",) if quick else QUANT_FORMATS))
+    from gptfast.quantize import FORMATS as _QFORMATS
+    from gptfast.quantize import weight_bytes as qbytes
+
+    if any(f not in _QFORMATS for f in quant_formats):
+        raise ValueError(f"benchmark_generate: quant_formats must be a subset of {_QFORMATS}, got {quant_formats}")
+    # bytes a step reads: every weight but the position table (one row of it per token), each
+    # format's own (quantized matrices + their scales; vectors stay fp32)
+    wpe_bytes = model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
+    fp_bytes = qbytes(model) - wpe_bytes
     for name, got, known in (("ct2_types", ct2_types, CT2_TYPES), ("gguf_types", gguf_types, GGUF_TYPES)):
         if any(t not in known for t in got):
             raise ValueError(f"benchmark_generate: {name} must be a subset of {known}, got {got}")
@@ -222,29 +237,30 @@ def benchmark_generate(
         print(f"bench generate: {where} {backend}: {done}", file=sys.stderr, flush=True)
         return r
 
-    def _bf16_row(B, be, prompt, kw, dot: bool = False):
-        """The engine on weight-only bf16 (half the weight bytes; bound and % of bound on its own
-        bytes): `gptfast.quantize` of a copy of the model, the same generate() call. dot=True: the
-        named option GPTFAST_SKINNY_BF16_DOT=1 (activations rounded to bf16, bf16 dot products with
-        fp32 accumulation: the arithmetic llama.cpp's bf16 format uses), on CPUs with avx512_bf16."""
-        name = f"engine[{be}] bf16 weights" + (", bf16 dot" if dot else "")
+    def _format_row(B, be, prompt, kw, fmt: str, dot: bool = False):
+        """The engine on another weight format (bound and % of bound on its own bytes):
+        `gptfast.quantize(copy, fmt)`, the same generate() call. fmt "bf16": bf16 matrices, fp32 math;
+        dot=True: the named option GPTFAST_SKINNY_BF16_DOT=1 (activations rounded to bf16, bf16 dot
+        products with fp32 accumulation: the arithmetic llama.cpp's bf16 format uses), on CPUs with
+        avx512_bf16. int8 / int4 formats: weight-only, dequantized in registers (gptfast.quantize)."""
+        name = f"engine[{be}] {fmt} weights" + (", bf16 dot" if dot else "")
         if dot and not _has_avx512_bf16():
             row(B, name, status="unavailable", reason="GPTFAST_SKINNY_BF16_DOT needs a CPU with avx512_bf16")
             return
         old = os.environ.get("GPTFAST_SKINNY_BF16_DOT")
+        key = f"engine[{be}] {fmt} weights"
         try:
             if dot:
                 os.environ["GPTFAST_SKINNY_BF16_DOT"] = "1"  # read by the kernel at each call
-            key = f"engine[{be}] bf16 weights"
             if key not in engines:
-                engines[key] = (gptfast.quantize(copy.deepcopy(model), "bf16"), kw)
-            m16 = engines[key][0]
-            generate(m16, prompt, 4, **kw)
+                engines[key] = (gptfast.quantize(copy.deepcopy(model), fmt), kw)
+            mq = engines[key][0]
+            generate(mq, prompt, 4, **kw)
             stats: dict = {}
-            t, got = time_calls(lambda: generate(m16, prompt, new_tokens, stats=stats, **kw), repeats)
+            t, got = time_calls(lambda: generate(mq, prompt, new_tokens, stats=stats, **kw), repeats)
         except Exception as e:  # noqa: BLE001 - a failing variant is a row with the reason
             if not dot:
-                engines.pop(name, None)
+                engines.pop(key, None)
             row(B, name, status="error", reason=_first_line(e))
             return
         finally:
@@ -253,13 +269,17 @@ def benchmark_generate(
             else:
                 os.environ["GPTFAST_SKINNY_BF16_DOT"] = old
         want = generate(model, prompt, new_tokens, **kw)
+        if fmt == "bf16":
+            how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_SKINNY_BF16_DOT=1, "
+                   "as llama.cpp's bf16)" if dot else "matrices bf16, fp32 math")
+        else:
+            how = "weight-only, dequantized in registers, fp32 math"
         # greedy tokens identical to the fp32 engine's up to the first difference, fewest over rows
         # (random weights give near-flat logits, where any rounding eventually flips an argmax)
-        how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_SKINNY_BF16_DOT=1, "
-               "as llama.cpp's bf16)" if dot else "matrices bf16, fp32 math")
-        row(B, name, seconds=t, weight_scale=0.5, weights="bf16", weight_format=stats.get("weight_format"),
-            reason=f"gptfast.quantize(model, 'bf16'): {how}; greedy = fp32 engine for the "
-                   f"first {agree(want, got)}/{new_tokens} tokens (min over rows)")
+        row(B, name, seconds=t, weight_scale=(qbytes(mq) - wpe_bytes) / fp_bytes, weights=fmt,
+            weight_format=stats.get("weight_format"),
+            reason=f"gptfast.quantize(model, {fmt!r}): {how}; {stats.get('decode_step')} step; greedy = fp32 "
+                   f"engine for the first {agree(want, got)}/{new_tokens} tokens (min over rows)")
 
     def _peer(name: str, fmt: str, key, n_seq: int, n_ctx_seq: int):
         """A runner for `name` at weight format `fmt`, or a string saying why there is none.
@@ -319,8 +339,10 @@ def benchmark_generate(
                 row(B, f"engine[{be}]", seconds=t, weights=dtype, reason="ops: " + "+".join(names)
                     + (", fused step" if stats.get("decode_step") == "native fused" else ""))
                 if variants and be in ("native", "auto") and dev_type == "cpu" and wdtype == torch.float32:
-                    _bf16_row(B, be, prompt, kw)
-                    _bf16_row(B, be, prompt, kw, dot=True)
+                    _format_row(B, be, prompt, kw, "bf16")
+                    _format_row(B, be, prompt, kw, "bf16", dot=True)
+                    for fmt in quant_formats:
+                        _format_row(B, be, prompt, kw, fmt)
                 if not compile and (compiled_too if compiled_too is not None else dev_type == "cuda"):
                     # the decode step under torch.compile (CUDA: CUDA graphs, mode="reduce-overhead")
                     kwc = dict(kw, compile=True)
@@ -477,7 +499,7 @@ def _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_typ
             continue
         if first is None:
             first = out[0][0]
-        weights = "bf16" if name.endswith("bf16 weights") else dtype
+        weights = name.split("] ", 1)[1][: -len(" weights")] if name.endswith(" weights") else dtype
         ttft_row(name, ttft_ms=1e3 * t, median_ms=1e3 * t, weights=weights,
                  reason=f"gptfast.generate(model, [prompt], 1), median of {repeats}"
                  + (f"; first token = fp32 engine's: {out[0][0] == first}" if weights != dtype else ""))

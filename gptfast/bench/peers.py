@@ -45,9 +45,10 @@ def agree(want: list[list[int]], got: list[list[int]]) -> int:
 
 PEERS = ("ctranslate2", "llama.cpp")
 CT2_TYPES = ("float32", "int8")
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # weight bytes per fp32 weight byte, for each peer format's own bound (q8_0: 34 bytes per 32 weights)
-WEIGHT_SCALE = {"float32": 1.0, "int8": 0.25, "f32": 1.0, "f16": 0.5, "bf16": 0.5, "q8_0": 34 / 128}
+WEIGHT_SCALE = {"float32": 1.0, "int8": 0.25, "f32": 1.0, "f16": 0.5, "bf16": 0.5, "q8_0": 34 / 128,
+                "q4_0": 18 / 128}  # q4_0: 18 bytes per 32 weights
 
 
 def hf_dir_for_peers(model, directory) -> tuple[object, list[str]]:
