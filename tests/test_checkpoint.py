@@ -404,6 +404,59 @@ def test_sigkill_at_random_points_leaves_a_loadable_checkpoint(tmp_path, seed):
     assert set(_tree(d)) == set(user) | live
 
 
+WRITER_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    import safetensors.torch
+    from gptfast.io import checkpoint as ckpt
+    from gptfast.io import save_pretrained
+    from gptfast.config import GPTConfig
+    from gptfast.model import GPT
+    real = safetensors.torch.save_file
+    def writer_killed_midway(tensors, path, metadata=None):
+        # safetensors >= 0.7 writes its own `.tmpXXXXXX` beside `path`, then renames it; a kill
+        # in between leaves that name. Simulate exactly that moment.
+        real(tensors, path, metadata=metadata)
+        os.replace(path, os.path.join(os.path.dirname(path), ".tmpKILLED"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    safetensors.torch.save_file = writer_killed_midway
+    m = GPT(GPTConfig.from_preset("tiny"))
+    if sys.argv[3] == "checkpoint":
+        ckpt.save_checkpoint(sys.argv[2], m, ckpt.default_tokenizer(), step=5, git_sha=None)
+    else:
+        save_pretrained(m, sys.argv[2])
+""")
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "save_pretrained"])
+def test_a_writers_own_temporary_never_lands_in_the_users_directory(tmp_path, kind):
+    """safetensors' save_file makes its own temporary file (`.tmpXXXXXX`) beside the path it is
+    given. A process killed while that file exists must not leave it in the user's directory
+    (nothing could tell it from a user's file afterwards): it must sit inside an entry with our
+    prefix, and for checkpoints the next save removes every such entry."""
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "notes.md").write_text("user notes")
+    if kind == "checkpoint":
+        ckpt.save_checkpoint(d, _model(1), ckpt.default_tokenizer(), step=1)
+    before = _tree(d)
+    script = tmp_path / "saver.py"
+    script.write_text(WRITER_KILL_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(REPO), str(d), kind], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    after = _tree(d)
+    assert {k: v for k, v in after.items() if k in before} == before
+    top = {k.split("/")[0] for k in set(after) - set(before)}
+    strays = {n for n in top if not (n.startswith(ckpt._TMP_PREFIX) or n == ckpt._PENDING_NAME)}
+    assert not strays, f"left in the user's directory: {strays}"
+    assert any(k.endswith(".tmpKILLED") for k in after), "the simulated writer did not run"
+    if kind == "checkpoint":
+        _assert_same_weights(ckpt.load_checkpoint(d)[0], _model(1))
+        ckpt.save_checkpoint(d, _model(2), ckpt.default_tokenizer(), step=2)
+        live = set(ckpt.checkpoint_files(ckpt.read_checkpoint_info(d)).values()) | {ckpt.META_NAME}
+        assert set(_tree(d)) == {".", "notes.md"} | live
+
+
 def test_interrupted_save_leftovers_removed_by_next_save(tmp_path):
     """Deterministic version of the kill window: the journal is written and a new weights file
     is in place, but the manifest is not committed. The old checkpoint loads; the next save

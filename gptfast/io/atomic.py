@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,38 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> 
     return path
 
 
+def write_in_own_dir(tmp: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Run `write(p)` inside a directory of ours, then move its file to `tmp` (a name of ours).
+
+    For writers that make their own temporary file beside the path they are given and rename it:
+    safetensors >= 0.7's `save_file` writes `.tmpXXXXXX` (Rust's `tempfile` crate) in the
+    target's directory. A process killed meanwhile would leave that name, which nothing can tell
+    from a user's file, in the user's directory. Here it can only land in `<tmp>.d/`, which
+    starts with `TMP_PREFIX` and is removed on success or failure (and by the checkpoint's
+    journal recovery after a kill). Returns `tmp`."""
+    tmp = Path(tmp)
+    own = tmp.parent / f"{tmp.name}.d"
+    own.mkdir()
+    try:
+        write(own / tmp.name)
+        os.replace(own / tmp.name, tmp)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+    return tmp
+
+
+def remove_own(path: str | os.PathLike) -> None:
+    """Remove a temporary entry of ours (a file, or a directory made by `write_in_own_dir`).
+    Refuses names without `TMP_PREFIX`; a symlink is unlinked, never followed."""
+    path = Path(path)
+    if not path.name.startswith(TMP_PREFIX):
+        raise ValueError(f"remove_own: {path} is not a temporary of gptfast's (prefix {TMP_PREFIX!r})")
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        unlink_quiet(path)
+
+
 def rename_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """`os.replace(src, dst)` (a file or a directory, same filesystem), then fsync `dst`'s parent
     directory so that the rename is durable."""
@@ -94,4 +127,4 @@ def rename_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     fsync_dir(Path(dst).absolute().parent)
 
 
-__all__ = ["TMP_PREFIX", "fsync_dir", "fsync_file", "rename_atomic", "write_file_atomic"]
+__all__ = ["TMP_PREFIX", "fsync_dir", "fsync_file", "remove_own", "rename_atomic", "write_file_atomic", "write_in_own_dir"]

@@ -52,7 +52,7 @@ from gptfast.io.atomic import TMP_PREFIX as _TMP_PREFIX
 from gptfast.io.atomic import current_umask as _umask
 from gptfast.io.atomic import fsync_dir as _fsync_dir
 from gptfast.io.atomic import fsync_file as _fsync_file
-from gptfast.io.atomic import rename_atomic
+from gptfast.io.atomic import remove_own, rename_atomic, write_in_own_dir
 from gptfast.io.atomic import unlink_quiet as _unlink_quiet
 from gptfast.model import GPT
 from gptfast.tokenizers import CharTokenizer, Tokenizer, tokenizer_from_dict
@@ -219,7 +219,7 @@ def _finish_interrupted_save(d: Path) -> None:
         token = pending.get("token")
         if isinstance(token, str) and token.isalnum():
             for p in d.glob(f"{_TMP_PREFIX}{token}-*"):
-                _unlink_quiet(p)
+                remove_own(p)  # our temporaries, and write_in_own_dir's directories
     # An unreadable journal was cut short while being written, before any other file existed.
     _unlink_quiet(journal)
     _fsync_dir(d)
@@ -267,7 +267,11 @@ def save_checkpoint(
     old_info = _read_json_or_none(d / META_NAME) if (d / META_NAME).exists() else None
     old_files = set(checkpoint_files(old_info).values()) if isinstance(old_info, dict) else set()
 
-    writers: dict[str, Any] = {"weights": lambda p: save_file(_state_dict_for_save(model), str(p))}
+    # safetensors >= 0.7 makes its own `.tmpXXXXXX` beside the path it is given: keep that in a
+    # directory of ours so that a kill cannot leave a name in the user's directory.
+    writers: dict[str, Any] = {
+        "weights": lambda p: write_in_own_dir(p, lambda q: save_file(_state_dict_for_save(model), str(q)))
+    }
     if train_state is not None:
         writers["train_state"] = lambda p: torch.save(train_state, p)
     if history is not None:

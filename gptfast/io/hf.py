@@ -34,7 +34,7 @@ import torch
 from gptfast.config import HF_ACTIVATION_NAMES, GPTConfig, activation_from_hf
 from gptfast.errors import CheckpointError
 from gptfast.io._weights import build_model, load_safetensors, torch_load_weights_only
-from gptfast.io.atomic import write_file_atomic
+from gptfast.io.atomic import write_file_atomic, write_in_own_dir
 from gptfast.model import GPT, LayerNorm
 
 # Hub names accepted for download, with the repository that holds them today.
@@ -270,7 +270,10 @@ def save_pretrained(model: GPT, directory: str | os.PathLike) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     hf_config = config_to_hf(config)
     hf_config["dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
-    write_file_atomic(d / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_file_atomic(  # save_file's own temporary stays in a directory of ours (atomic.write_in_own_dir)
+        d / "model.safetensors",
+        lambda p: write_in_own_dir(p, lambda q: save_file(state, str(q), metadata={"format": "pt"})),
+    )
     write_file_atomic(d / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
     return d
 
