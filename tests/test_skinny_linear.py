@@ -98,7 +98,7 @@ def _cpu_has_avx512_bf16():
     return all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
 
 
-# GPTFAST_SKINNY_BF16_DOT=1 (opt-in; bf16 weights; CPUs with avx512_bf16): x rounded to bf16 and
+# GPTFAST_BF16_DOT=1 (opt-in; bf16 weights; CPUs with avx512_bf16): x rounded to bf16 and
 # vdpbf16ps. Exact (to fp32 summation) for the bf16-rounded x; against the true x its error is that
 # of rounding x (unit roundoff 2^-8 per element, so <= 2^-8 sum |x w|). Without avx512_bf16 the
 # variable must change nothing.
@@ -107,12 +107,12 @@ def _cpu_has_avx512_bf16():
 def test_bf16_dot_opt_in(M, K, N, monkeypatch):
     x, w, b = _inputs(M, K, N, seed=M * 11 + K + N)
     wb = w.bfloat16()
-    monkeypatch.delenv("GPTFAST_SKINNY_BF16_DOT", raising=False)
+    monkeypatch.delenv("GPTFAST_BF16_DOT", raising=False)
     y_default = native.skinny_linear(x, wb, b)
-    monkeypatch.setenv("GPTFAST_SKINNY_BF16_DOT", "1")
+    monkeypatch.setenv("GPTFAST_BF16_DOT", "1")
     y = native.skinny_linear(x, wb, b)
     if not _cpu_has_avx512_bf16():
-        assert torch.equal(y, y_default), "GPTFAST_SKINNY_BF16_DOT changed the result on a CPU without avx512_bf16"
+        assert torch.equal(y, y_default), "GPTFAST_BF16_DOT changed the result on a CPU without avx512_bf16"
         return
     xr = x.bfloat16().float()
     assert_close(y, _ref(xr, wb.float(), b), atol=_tol32(xr, wb.float(), K), rtol=1e-5,
@@ -125,16 +125,69 @@ def test_bf16_dot_opt_in(M, K, N, monkeypatch):
 
 
 def test_bf16_dot_opt_in_nan_and_fp32_weights(monkeypatch):
-    monkeypatch.setenv("GPTFAST_SKINNY_BF16_DOT", "1")
+    monkeypatch.setenv("GPTFAST_BF16_DOT", "1")
     x, w, b = _inputs(3, 67, 20)
     x[1, 5] = float("nan")
     y = native.skinny_linear(x, w.bfloat16(), b)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
     # fp32 weights ignore the variable
-    monkeypatch.delenv("GPTFAST_SKINNY_BF16_DOT")
+    monkeypatch.delenv("GPTFAST_BF16_DOT")
     y32 = native.skinny_linear(x, w, b)
-    monkeypatch.setenv("GPTFAST_SKINNY_BF16_DOT", "1")
+    monkeypatch.setenv("GPTFAST_BF16_DOT", "1")
     assert torch.allclose(native.skinny_linear(x, w, b), y32, rtol=0, atol=0, equal_nan=True)
+
+
+# The option serves the prompt pass too (many rows): ops linear and gelu_mlp's inference forward.
+# Without it (or without avx512_bf16) many rows keep the exact widened-weight GEMM.
+@pytest.mark.parametrize("M", [17, 40, 130])
+@pytest.mark.parametrize("dot", [False, True])
+def test_bf16_dot_many_rows_linear(M, dot, monkeypatch):
+    K, N = 200, 77
+    x, w, b = _inputs(M, K, N, seed=M)
+    wb = w.bfloat16()
+    monkeypatch.setenv("GPTFAST_BF16_DOT", "1" if dot else "0")
+    y = native.linear(x, wb, b)
+    engaged = dot and _cpu_has_avx512_bf16()
+    xr = x.bfloat16().float() if engaged else x  # the option's arithmetic: x rounded to bf16
+    assert_close(y, _ref(xr, wb.float(), b), atol=_tol32(xr, wb.float(), K), rtol=1e-5,
+                 what=f"linear M={M} dot={dot} (engaged={engaged})")
+    if engaged:  # x's rounding shows against the exact arithmetic
+        scale = (x.double().abs() @ wb.double().abs().t()).max().item()
+        assert (y.double() - _ref(x, wb.float(), b)).abs().max().item() > 1e-5 * scale
+
+
+@pytest.mark.parametrize("M", [17, 64])
+@pytest.mark.parametrize("dot", [False, True])
+def test_bf16_dot_many_rows_gelu_mlp(M, dot, monkeypatch):
+    g = torch.Generator().manual_seed(M)
+    C, Fh = 96, 384
+    x = torch.randn(M, C, generator=g)
+    w_fc, b_fc = (torch.randn(Fh, C, generator=g) / C**0.5).bfloat16(), torch.randn(Fh, generator=g)
+    w_proj, b_proj = (torch.randn(C, Fh, generator=g) / Fh**0.5).bfloat16(), torch.randn(C, generator=g)
+    monkeypatch.setenv("GPTFAST_BF16_DOT", "1" if dot else "0")
+    with torch.no_grad():
+        y = native.gelu_mlp(x, w_fc, b_fc, w_proj, b_proj)
+    engaged = dot and _cpu_has_avx512_bf16()
+    wf, wp = w_fc.double(), w_proj.double()
+
+    def ref(r16):  # fp64, activations rounded to bf16 before each product if r16 (the option)
+        h = reference.gelu_tanh(r16(x) @ wf.t() + b_fc.double())
+        return r16(h) @ wp.t() + b_proj.double(), h
+
+    y_exact, h = ref(lambda t: t.double())
+    y_dot, _ = ref(lambda t: t.float().bfloat16().double())
+    scale = (h.abs() @ wp.abs().t()).max().item() + 1.0
+    err_exact = (y.double() - y_exact).abs().max().item()
+    err_dot = (y.double() - y_dot).abs().max().item()
+    if not engaged:
+        assert err_exact <= 1e-5 * scale, f"gelu_mlp M={M} dot={dot}: error {err_exact} vs the exact arithmetic"
+        return
+    # The option's arithmetic explains the result: against it only fp32 sums and a rare bf16
+    # rounding of h taken the other way (our fp32 pre-activation vs the fp64 one), far below the
+    # effect of rounding the activations, which the exact reference sees in full.
+    assert err_dot <= 2**-8 * scale, f"gelu_mlp M={M}: error {err_dot} vs the bf16-dot arithmetic"
+    assert err_dot <= 0.25 * err_exact, (f"gelu_mlp M={M}: not the bf16-dot arithmetic (error {err_dot} vs it, "
+                                         f"{err_exact} vs the exact one)")
 
 
 def test_bf16_weights_autograd_and_opcheck():

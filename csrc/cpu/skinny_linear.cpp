@@ -29,7 +29,7 @@
 // - bf16 weights: each element is widened to fp32 exactly (a 16-bit shift: vpmovzxwd + vpslld) and
 //   accumulated in fp32, so y equals x @ w.float().T up to the summation order, with half the bytes
 //   streamed. bf16 x bf16 dot products (avx512_bf16's vdpbf16ps, which rounds x to bf16) only when
-//   asked for with GPTFAST_SKINNY_BF16_DOT=1 (see range_dot).
+//   asked for with GPTFAST_BF16_DOT=1 (see range_dot).
 // - Bias is added when the dot products are stored. An optional epilogue runs on each thread's
 //   column range right after it is computed (gelu_mlp uses it to apply GELU while the
 //   pre-activation is still in cache).
@@ -54,7 +54,7 @@
 // bf16 one 512-bit load of 32 elements widened by shift / mask against a deinterleaved x (no
 // vpmovzxwd): <= 1.07x with T0 prefetch, not retried with T1. avx512_bf16 dot products (vdpbf16ps,
 // x rounded to bf16): x1.00 at M = 1, x1.70 at M = 8, x1.91 at M = 16 for bf16 weights, but they
-// change the arithmetic, so only as the opt-in GPTFAST_SKINNY_BF16_DOT=1 (see range_dot).
+// change the arithmetic, so only as the opt-in GPTFAST_BF16_DOT=1 (see range_dot).
 //
 // fp64 (gradcheck-style tests): plain loops, accumulating in double.
 #include "skinny_linear.h"
@@ -328,7 +328,7 @@ void range_avx512(const float* x, int64_t ldx, const W* w, int64_t ldw, const fl
 
 // ------------------------------------------------------------------------ opt-in bf16 dot products
 //
-// GPTFAST_SKINNY_BF16_DOT=1 (default off; bf16 weights only; CPUs with avx512_bf16): x is rounded to
+// GPTFAST_BF16_DOT=1 (default off; bf16 weights only; CPUs with avx512_bf16): x is rounded to
 // bf16 (round to nearest even, vcvtneps2bf16) once per call and every pair of products is computed
 // by vdpbf16ps (bf16 x bf16 -> fp32 accumulate): twice the multiply-adds per instruction and no
 // widening, which matters where the tile is FMA-bound (M >= 8). This CHANGES THE ARITHMETIC: y is
@@ -436,11 +436,11 @@ void round_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K, uint16_t* x
 #pragma GCC pop_options
 #endif
 
-// Whether GPTFAST_SKINNY_BF16_DOT=1 asks for the bf16 dot products and the CPU has them (read at
+// Whether GPTFAST_BF16_DOT=1 asks for the bf16 dot products and the CPU has them (read at
 // each call; see range_dot). Without avx512_bf16 the variable is ignored (the default arithmetic).
 bool use_bf16_dot() {
 #ifdef GPTFAST_SKINNY_AVX512
-  const char* e = std::getenv("GPTFAST_SKINNY_BF16_DOT");
+  const char* e = std::getenv("GPTFAST_BF16_DOT");
   if (e == nullptr || std::strcmp(e, "1") != 0) return false;
   static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
@@ -513,6 +513,8 @@ at::Tensor rows_unit_stride(const at::Tensor& t) {
 
 }  // namespace
 
+bool bf16_dot_enabled() { return use_bf16_dot(); }
+
 namespace {
 
 // Parallel over the N weight rows (see the header comment); W picks the multi-versioned range kernel.
@@ -572,6 +574,12 @@ at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& weight_, const 
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
+  if (weight.scalar_type() == at::kBFloat16 && M > kSkinnyMaxM && !use_bf16_dot()) {
+    // Many rows without the bf16 dot products: a GEMM (MKL / oneDNN) on the exactly widened weight
+    // beats streaming the weight once per 8 rows here (the Python dispatch sends many rows only
+    // when GPTFAST_BF16_DOT=1 asks; this keeps a CPU without avx512_bf16 at GEMM speed).
+    return bias.defined() ? at::addmm(bias, x, weight.to(at::kFloat).t()) : at::mm(x, weight.to(at::kFloat).t());
+  }
   if (weight.scalar_type() == at::kBFloat16) {
     skinny_linear_bf16w(x.data_ptr<float>(), x.stride(0), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
                         weight.stride(0), bias.defined() ? bias.data_ptr<float>() : nullptr, out.data_ptr<float>(), M,

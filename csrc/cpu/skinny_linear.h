@@ -26,11 +26,17 @@ void skinny_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw,
 // The same with bf16 weights (raw bits, w rows ldw elements apart) and fp32 x / bias / out: each
 // weight element is widened to fp32 exactly and every product accumulates in fp32 (weight-only bf16:
 // half the bytes streamed per call, the arithmetic of the fp32 kernel). Opt-in exception: with
-// GPTFAST_SKINNY_BF16_DOT=1 on a CPU with avx512_bf16, x is rounded to bf16 and the products use
+// GPTFAST_BF16_DOT=1 on a CPU with avx512_bf16, x is rounded to bf16 and the products use
 // vdpbf16ps (faster at M >= 8, error up to 2^-8 of sum |x w|; see skinny_linear.cpp).
 void skinny_linear_bf16w(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, const float* bias, float* out,
                          int64_t M, int64_t N, int64_t K,
                          const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
+
+// Whether GPTFAST_BF16_DOT=1 asks for the bf16 dot products and this CPU has avx512_bf16 (read at
+// each call). With it, bf16-weight products run through vdpbf16ps for ANY number of rows: the
+// skinny kernel then also serves the prompt pass (many rows), about 2x an fp32 GEMM on the widened
+// weight (measured: benchmarks/results/cpu/bf16_dot_prompt.txt).
+bool bf16_dot_enabled();
 
 // The op: checks its inputs (errors name `op`), returns x @ weight^T + bias as a new (M, N) tensor.
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);

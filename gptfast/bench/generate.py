@@ -210,7 +210,7 @@ def benchmark_generate(
         if any(t not in known for t in got):
             raise ValueError(f"benchmark_generate: {name} must be a subset of {known}, got {got}")
     work = tempfile.TemporaryDirectory(prefix="gptfast-peers-") if peers else None
-    peer_cache: dict = {}  # (peer, format, context key) -> runner or the reason it is unavailable
+    peer_failed: dict = {}  # (peer, format) -> the reason it is unavailable
     hf_for_peers: list = []  # [(HF directory, token strings)] once written
     engines: dict = {}  # engine row name -> (model, generate keywords) of the engines that ran
 
@@ -240,18 +240,18 @@ def benchmark_generate(
     def _format_row(B, be, prompt, kw, fmt: str, dot: bool = False):
         """The engine on another weight format (bound and % of bound on its own bytes):
         `gptfast.quantize(copy, fmt)`, the same generate() call. fmt "bf16": bf16 matrices, fp32 math;
-        dot=True: the named option GPTFAST_SKINNY_BF16_DOT=1 (activations rounded to bf16, bf16 dot
+        dot=True: the named option GPTFAST_BF16_DOT=1 (activations rounded to bf16, bf16 dot
         products with fp32 accumulation: the arithmetic llama.cpp's bf16 format uses), on CPUs with
         avx512_bf16. int8 / int4 formats: weight-only, dequantized in registers (gptfast.quantize)."""
         name = f"engine[{be}] {fmt} weights" + (", bf16 dot" if dot else "")
         if dot and not _has_avx512_bf16():
-            row(B, name, status="unavailable", reason="GPTFAST_SKINNY_BF16_DOT needs a CPU with avx512_bf16")
+            row(B, name, status="unavailable", reason="GPTFAST_BF16_DOT needs a CPU with avx512_bf16")
             return
-        old = os.environ.get("GPTFAST_SKINNY_BF16_DOT")
+        old = os.environ.get("GPTFAST_BF16_DOT")
         key = f"engine[{be}] {fmt} weights"
         try:
             if dot:
-                os.environ["GPTFAST_SKINNY_BF16_DOT"] = "1"  # read by the kernel at each call
+                os.environ["GPTFAST_BF16_DOT"] = "1"  # read by the kernel at each call
             if key not in engines:
                 engines[key] = (gptfast.quantize(copy.deepcopy(model), fmt), kw)
             mq = engines[key][0]
@@ -265,12 +265,12 @@ def benchmark_generate(
             return
         finally:
             if old is None:
-                os.environ.pop("GPTFAST_SKINNY_BF16_DOT", None)
+                os.environ.pop("GPTFAST_BF16_DOT", None)
             else:
-                os.environ["GPTFAST_SKINNY_BF16_DOT"] = old
+                os.environ["GPTFAST_BF16_DOT"] = old
         want = generate(model, prompt, new_tokens, **kw)
         if fmt == "bf16":
-            how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_SKINNY_BF16_DOT=1, "
+            how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_BF16_DOT=1, "
                    "as llama.cpp's bf16)" if dot else "matrices bf16, fp32 math")
         else:
             how = "weight-only, dequantized in registers, fp32 math"
@@ -281,39 +281,35 @@ def benchmark_generate(
             reason=f"gptfast.quantize(model, {fmt!r}): {how}; {stats.get('decode_step')} step; greedy = fp32 "
                    f"engine for the first {agree(want, got)}/{new_tokens} tokens (min over rows)")
 
-    def _peer(name: str, fmt: str, key, n_seq: int, n_ctx_seq: int):
-        """A runner for `name` at weight format `fmt`, or a string saying why there is none.
-        llama.cpp contexts are sized per use (`key`: the batch size, or ("ttft", prompt length));
-        CTranslate2's generator serves every batch."""
-        key = (name, fmt, key if name == "llama.cpp" else 0)
-        if key in peer_cache:
-            return peer_cache[key]
+    def _peer(name: str, fmt: str, n_seq: int, n_ctx_seq: int):
+        """A fresh runner for `name` at weight format `fmt` (the caller closes it right after its
+        rows: a peer's thread pool left alive slowed whatever ran next, e.g. gptfast batch 8 by 17 %
+        after a CTranslate2 generator had run once; the conversions are kept on disk), or a string
+        saying why there is none (remembered: a failing peer is not retried)."""
+        key = (name, fmt)
+        if key in peer_failed:
+            return peer_failed[key]
         why = peer_unavailable(name)
         if why is None and (dev_type != "cpu" or wdtype != torch.float32):
             why = "peers are timed on CPU with fp32 model weights only (--device cpu --dtype fp32)"
-        runner = why
-        if why is None:
-            wd = Path(work.name)
-            try:
-                if name == "ctranslate2":
-                    if not hf_for_peers:
-                        hf_for_peers.append(hf_dir_for_peers(model, wd / "hf"))
-                    runner = CT2Peer(*hf_for_peers[0], wd, fmt, nthreads)
-                else:
-                    from gptfast.gguf import save_gguf
+        if why is not None:
+            peer_failed[key] = why
+            return why
+        wd = Path(work.name)
+        try:
+            if name == "ctranslate2":
+                if not hf_for_peers:
+                    hf_for_peers.append(hf_dir_for_peers(model, wd / "hf"))
+                return CT2Peer(*hf_for_peers[0], wd, fmt, nthreads)
+            from gptfast.gguf import save_gguf
 
-                    path = wd / f"model-{fmt}.gguf"
-                    if not path.exists():
-                        save_gguf(model, path, dtype=fmt)
-                    for k2, old in list(peer_cache.items()):
-                        if k2[0] == "llama.cpp" and k2[2] != key[2] and isinstance(old, LlamaCppPeer):
-                            old.close()  # one llama.cpp context at a time
-                            peer_cache[k2] = "closed"
-                    runner = LlamaCppPeer(path, n_seq, n_ctx_seq, nthreads)
-            except Exception as e:  # noqa: BLE001 - a failing peer is a row with the reason
-                runner = _first_line(e)
-        peer_cache[key] = runner
-        return runner
+            path = wd / f"model-{fmt}.gguf"
+            if not path.exists():
+                save_gguf(model, path, dtype=fmt)
+            return LlamaCppPeer(path, n_seq, n_ctx_seq, nthreads)
+        except Exception as e:  # noqa: BLE001 - a failing peer is a row with the reason
+            peer_failed[key] = _first_line(e)
+            return peer_failed[key]
 
     for B in batch_sizes:
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g).to(device)
@@ -380,7 +376,7 @@ def benchmark_generate(
         for name in peers:
             fmts = ct2_types if name == "ctranslate2" else gguf_types
             for fmt in fmts:
-                runner = _peer(name, fmt, B, B, prompt_len + new_tokens + 1)
+                runner = _peer(name, fmt, B, prompt_len + new_tokens + 1)
                 if isinstance(runner, str):
                     row(B, f"{name} {fmt}", status="unavailable", reason=runner)
                     continue
@@ -391,6 +387,8 @@ def benchmark_generate(
                 except Exception as e:  # noqa: BLE001
                     row(B, f"{name} {fmt}", status="error", reason=_first_line(e))
                     continue
+                finally:
+                    runner.close()  # nothing of a peer stays alive while the next contestant runs
                 same = (f"; greedy = gptfast fp32 engine for the first {agree(want_tokens, out)}/{new_tokens} "
                         "tokens (min over rows)") if want_tokens is not None else ""
                 how = (f"CTranslate2 {runner.version} {fmt}, generate_batch greedy" if name == "ctranslate2" else
@@ -413,9 +411,6 @@ def benchmark_generate(
         _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_types, gguf_types, _peer,
                    device, dtype, wdtype, max(3, repeats), g, model_preset)
     _ttft_ratios(rows[ttft_start:])
-    for runner in list(peer_cache.values()):
-        if isinstance(runner, LlamaCppPeer):
-            runner.close()
     if work is not None:
         work.cleanup()
 
@@ -491,17 +486,35 @@ def _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_typ
         fn()  # warm-up
         return time_calls(fn, repeats)
 
-    for name, (m, kw) in engines.items():
+    contestants = [(name, m, kw, False) for name, (m, kw) in engines.items()]
+    # bf16 weights also with the named option GPTFAST_BF16_DOT=1 (bf16 dot products in the prompt
+    # pass's GEMMs too: llama.cpp's bf16 arithmetic), where the CPU has avx512_bf16
+    contestants += [(f"{name}, bf16 dot", m, kw, True) for name, (m, kw) in engines.items()
+                    if name.endswith(" bf16 weights")]
+    for name, m, kw, dot in contestants:
+        if dot and not _has_avx512_bf16():
+            ttft_row(name, status="unavailable", reason="GPTFAST_BF16_DOT needs a CPU with avx512_bf16")
+            continue
+        old_env = os.environ.get("GPTFAST_BF16_DOT")
         try:
+            if dot:
+                os.environ["GPTFAST_BF16_DOT"] = "1"  # read by the kernels at each call
             t, out = timed(lambda: generate(m, prompt, 1, **kw))
         except Exception as e:  # noqa: BLE001
             ttft_row(name, status="error", reason=_first_line(e))
             continue
+        finally:
+            if old_env is None:
+                os.environ.pop("GPTFAST_BF16_DOT", None)
+            else:
+                os.environ["GPTFAST_BF16_DOT"] = old_env
         if first is None:
             first = out[0][0]
-        weights = name.split("] ", 1)[1][: -len(" weights")] if name.endswith(" weights") else dtype
+        base = name.removesuffix(", bf16 dot")
+        weights = base.split("] ", 1)[1][: -len(" weights")] if base.endswith(" weights") else dtype
         ttft_row(name, ttft_ms=1e3 * t, median_ms=1e3 * t, weights=weights,
                  reason=f"gptfast.generate(model, [prompt], 1), median of {repeats}"
+                 + ("; GPTFAST_BF16_DOT=1 (activations rounded to bf16, vdpbf16ps)" if dot else "")
                  + (f"; first token = fp32 engine's: {out[0][0] == first}" if weights != dtype else ""))
     if include_hf:
         try:
@@ -519,7 +532,7 @@ def _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_typ
             ttft_row("hf", status="unavailable", reason=f"transformers not installed ({e})")
     for name in peers:
         for fmt in (ct2_types if name == "ctranslate2" else gguf_types):
-            runner = peer(name, fmt, ("ttft", P), 1, P + 1)  # a llama.cpp context sized for this prompt
+            runner = peer(name, fmt, 1, P + 1)  # a llama.cpp context sized for this prompt
             if isinstance(runner, str):
                 ttft_row(f"{name} {fmt}", status="unavailable", reason=runner)
                 continue
@@ -528,6 +541,8 @@ def _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_typ
             except Exception as e:  # noqa: BLE001
                 ttft_row(f"{name} {fmt}", status="error", reason=_first_line(e))
                 continue
+            finally:
+                runner.close()
             how = ("CTranslate2 generate_batch(max_length=1)" if name == "ctranslate2" else
                    "llama.cpp: one llama_decode of the prompt (logits of the last token), argmax")
             same = f"; first token = gptfast fp32 engine's: {out[0][0] == first}" if first is not None else ""

@@ -14,6 +14,7 @@ Importing this package builds nothing; the first op call (or `availability`) loa
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,12 @@ def gelu_mlp(
     return y.view(*x.shape[:-1], w_proj.shape[0])
 
 
+# The named option that changes the arithmetic of bf16 weights (read at each call, by the C++
+# kernels too): with "1", on a CPU with avx512_bf16, activations are rounded to bf16 and the
+# products run through vdpbf16ps with fp32 accumulation (llama.cpp's bf16 arithmetic), for
+# decoding (csrc/cpu/skinny_linear.cpp) and the prompt pass (linear and gelu_mlp, any row count).
+BF16_DOT_ENV = "GPTFAST_BF16_DOT"
+
 # Largest M for which `skinny_linear` beats torch.mm / addmm on CPU fp32 (measured; the C++ side
 # uses the same number, kSkinnyMaxM in csrc/cpu/skinny_linear.h, inside gelu_mlp's forward).
 SKINNY_MAX_M = 16
@@ -156,6 +163,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     K = x.shape[-1]
     M = x.numel() // K if K else 0
+    many = M > SKINNY_MAX_M and x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and x.is_cpu
+    if many and os.environ.get(BF16_DOT_ENV) == "1" and skinny_linear_available("cpu"):
+        # The opt-in bf16 dot products serve many rows too (the prompt pass): ~2x the GEMM on the
+        # widened weight; the C++ op checks the CPU (no avx512_bf16: that GEMM, same numbers).
+        y = torch.ops.gptfast.skinny_linear(x.reshape(M, K), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if 1 <= M <= SKINNY_MAX_M and x.dtype in _CPU_DTYPES and skinny_linear_available(x.device.type):
         y = torch.ops.gptfast.skinny_linear(x.reshape(M, K), weight, bias)  # (M, N)
         return y.view(*x.shape[:-1], weight.shape[0])
