@@ -183,6 +183,11 @@ def test_bf16_weights_row_native():
         assert r["status"] == "ok" and r["weights"] == fmt and r["weight_format"] == fmt, r
     t = {r["backend"]: r for r in rows if r["op"] == "ttft"}
     assert t["engine[native] bf16 weights"]["status"] == "ok" and t["engine[native] bf16 weights"]["weights"] == "bf16"
+    # int8 formats also with the named option act_int8 (llama.cpp q8_0 x q8_0's arithmetic), same bytes
+    ra, ta = by["engine[native] int8-g32 weights, act_int8"], t["engine[native] int8-g32 weights, act_int8"]
+    assert ra["status"] == "ok" and ra["weights"] == "int8-g32" and "act_int8: activations quantized" in ra["reason"], ra
+    assert ratio(ra) == pytest.approx(ratio(by["engine[native] int8-g32 weights"]), rel=1e-9)
+    assert ta["status"] == "ok" and ta["weights"] == "int8-g32", ta
     # the named bf16-dot option (llama.cpp bf16's arithmetic): timed where the CPU has avx512_bf16,
     # else a row saying why; the environment variable is restored either way
     from gptfast.bench.generate import _has_avx512_bf16

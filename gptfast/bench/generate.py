@@ -237,23 +237,25 @@ def benchmark_generate(
         print(f"bench generate: {where} {backend}: {done}", file=sys.stderr, flush=True)
         return r
 
-    def _format_row(B, be, prompt, kw, fmt: str, dot: bool = False):
+    def _format_row(B, be, prompt, kw, fmt: str, dot: bool = False, act: bool = False):
         """The engine on another weight format (bound and % of bound on its own bytes):
         `gptfast.quantize(copy, fmt)`, the same generate() call. fmt "bf16": bf16 matrices, fp32 math;
         dot=True: the named option GPTFAST_BF16_DOT=1 (activations rounded to bf16, bf16 dot
         products with fp32 accumulation: the arithmetic llama.cpp's bf16 format uses), on CPUs with
-        avx512_bf16. int8 / int4 formats: weight-only, dequantized in registers (gptfast.quantize)."""
-        name = f"engine[{be}] {fmt} weights" + (", bf16 dot" if dot else "")
+        avx512_bf16. int8 / int4 formats: weight-only, dequantized in registers (gptfast.quantize);
+        act=True (int8 formats): the named option act_int8 (activations quantized per row and
+        32-block, integer dot products: llama.cpp's q8_0 x q8_0 arithmetic)."""
+        name = f"engine[{be}] {fmt} weights" + (", bf16 dot" if dot else "") + (", act_int8" if act else "")
         if dot and not _has_avx512_bf16():
             row(B, name, status="unavailable", reason="GPTFAST_BF16_DOT needs a CPU with avx512_bf16")
             return
         old = os.environ.get("GPTFAST_BF16_DOT")
-        key = f"engine[{be}] {fmt} weights"
+        key = f"engine[{be}] {fmt} weights" + (", act_int8" if act else "")
         try:
             if dot:
                 os.environ["GPTFAST_BF16_DOT"] = "1"  # read by the kernel at each call
             if key not in engines:
-                engines[key] = (gptfast.quantize(copy.deepcopy(model), fmt), kw)
+                engines[key] = (gptfast.quantize(copy.deepcopy(model), fmt, act_int8=act), kw)
             mq = engines[key][0]
             generate(mq, prompt, 4, **kw)
             stats: dict = {}
@@ -272,6 +274,9 @@ def benchmark_generate(
         if fmt == "bf16":
             how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_BF16_DOT=1, "
                    "as llama.cpp's bf16)" if dot else "matrices bf16, fp32 math")
+        elif act:
+            how = ("act_int8: activations quantized to int8 per row and 32-block, integer dot products "
+                   "(llama.cpp's q8_0 x q8_0 arithmetic; AVX-512 VNNI where the CPU has it)")
         else:
             how = "weight-only, dequantized in registers, fp32 math"
         # greedy tokens identical to the fp32 engine's up to the first difference, fewest over rows
@@ -339,6 +344,8 @@ def benchmark_generate(
                     _format_row(B, be, prompt, kw, "bf16", dot=True)
                     for fmt in quant_formats:
                         _format_row(B, be, prompt, kw, fmt)
+                    for fmt in (f for f in quant_formats if f.startswith("int8")):
+                        _format_row(B, be, prompt, kw, fmt, act=True)
                 if not compile and (compiled_too if compiled_too is not None else dev_type == "cuda"):
                     # the decode step under torch.compile (CUDA: CUDA graphs, mode="reduce-overhead")
                     kwc = dict(kw, compile=True)
@@ -510,7 +517,7 @@ def _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_typ
                 os.environ["GPTFAST_BF16_DOT"] = old_env
         if first is None:
             first = out[0][0]
-        base = name.removesuffix(", bf16 dot")
+        base = name.split(", ")[0]  # "engine[native] int8 weights, act_int8" -> its format's name
         weights = base.split("] ", 1)[1][: -len(" weights")] if base.endswith(" weights") else dtype
         ttft_row(name, ttft_ms=1e3 * t, median_ms=1e3 * t, weights=weights,
                  reason=f"gptfast.generate(model, [prompt], 1), median of {repeats}"

@@ -7,7 +7,7 @@ The rule (POSIX rename semantics; see e.g. "Files are hard", Dan Luu, and LWN "e
 loss"): write a temporary file of ours in the same directory (a rename cannot cross filesystems),
 fsync it, rename it over the target, then fsync the directory so that the rename itself survives a
 power loss. A reader sees the old file or the new one, never a mix; a failure removes the
-temporary and leaves the old file as it was. Only files whose name starts with `TMP_PREFIX` are
+temporary and leaves the old file as it was. Only entries whose name starts with `TMP_PREFIX` are
 ever created beside the target.
 
 Used by gptfast.io.checkpoint (our checkpoints), gptfast.io.hf (save_pretrained), gptfast.gguf,
