@@ -288,7 +288,7 @@ def benchmark_generate(
 
     def _peer(name: str, fmt: str, n_seq: int, n_ctx_seq: int):
         """A fresh runner for `name` at weight format `fmt` (the caller closes it right after its
-        rows: a peer's thread pool left alive slowed whatever ran next, e.g. gptfast batch 8 by 17 %
+        rows: a peer's thread pool left alive slowed whatever ran next, e.g. gptfast batch 8 by 15 %
         after a CTranslate2 generator had run once; the conversions are kept on disk), or a string
         saying why there is none (remembered: a failing peer is not retried)."""
         key = (name, fmt)

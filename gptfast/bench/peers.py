@@ -112,7 +112,7 @@ class CT2Peer:
 
     def close(self) -> None:
         """Release the generator and its thread pool (alive, it slowed other engines' batch-8
-        decoding in the same process by ~17 %)."""
+        decoding in the same process by ~15 %: benchmarks/dev/peer_interference.py)."""
         import gc
 
         self.gen = None
