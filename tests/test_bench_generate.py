@@ -128,6 +128,33 @@ def test_no_peer_is_alive_while_another_contestant_runs(monkeypatch):
     assert len(made) == len(peer_rows)  # one runner per use
 
 
+def test_bf16_dot_rows_run_the_arithmetic_they_name(monkeypatch):
+    """A caller's GPTFAST_BF16_DOT=1 must not turn the plain bf16 rows into bf16-dot ones: every
+    engine call runs with the variable its row names ("0" / "1"), and the caller's value is
+    restored after the run."""
+    import gptfast
+
+    seen: list[tuple[str, str | None]] = []
+    real_generate = gptfast.generate
+
+    def spy(model, *a, **k):
+        seen.append((getattr(model, "weight_format", None) or "fp32", os.environ.get("GPTFAST_BF16_DOT")))
+        return real_generate(model, *a, **k)
+
+    monkeypatch.setenv("GPTFAST_BF16_DOT", "1")
+    monkeypatch.setattr(gptfast, "generate", spy)
+    rows = _rows(batch_sizes=(1,), backends=("native",), include_hf=False, include_reference=False)
+    assert os.environ["GPTFAST_BF16_DOT"] == "1"
+    bf16 = [env for fmt, env in seen if fmt == "bf16"]
+    assert "0" in bf16  # the plain bf16 rows (and the fp32 comparison runs beside them)
+    names = {r["backend"] for r in rows}
+    assert "engine[native] bf16 weights" in names and "engine[native] bf16 weights, bf16 dot" in names
+    from gptfast.bench.generate import _has_avx512_bf16
+
+    if _has_avx512_bf16():
+        assert "1" in bf16
+
+
 def test_prompt_pass_ctranslate2_row():
     """CTranslate2 (installed with the test extras) in the prompt-pass table, same first token."""
     rows = _rows(batch_sizes=(1,), include_hf=False, include_reference=False, peers=("ctranslate2",),

@@ -47,6 +47,7 @@ Formulas (next to the code that computes them):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -91,6 +92,21 @@ def _as_dtype(dtype) -> torch.dtype:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _bf16_dot(on: bool):
+    """GPTFAST_BF16_DOT (read by the kernels at each call) set to "1" or "0" for the block, so a
+    row runs the arithmetic its name says whatever the caller's environment holds; restored after."""
+    old = os.environ.get("GPTFAST_BF16_DOT")
+    os.environ["GPTFAST_BF16_DOT"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GPTFAST_BF16_DOT", None)
+        else:
+            os.environ["GPTFAST_BF16_DOT"] = old
 
 
 def _has_avx512_bf16() -> bool:
@@ -249,27 +265,20 @@ def benchmark_generate(
         if dot and not _has_avx512_bf16():
             row(B, name, status="unavailable", reason="GPTFAST_BF16_DOT needs a CPU with avx512_bf16")
             return
-        old = os.environ.get("GPTFAST_BF16_DOT")
         key = f"engine[{be}] {fmt} weights" + (", act_int8" if act else "")
         try:
-            if dot:
-                os.environ["GPTFAST_BF16_DOT"] = "1"  # read by the kernel at each call
-            if key not in engines:
-                engines[key] = (gptfast.quantize(copy.deepcopy(model), fmt, act_int8=act), kw)
-            mq = engines[key][0]
-            generate(mq, prompt, 4, **kw)
-            stats: dict = {}
-            t, got = time_calls(lambda: generate(mq, prompt, new_tokens, stats=stats, **kw), repeats)
+            with _bf16_dot(dot):
+                if key not in engines:
+                    engines[key] = (gptfast.quantize(copy.deepcopy(model), fmt, act_int8=act), kw)
+                mq = engines[key][0]
+                generate(mq, prompt, 4, **kw)
+                stats: dict = {}
+                t, got = time_calls(lambda: generate(mq, prompt, new_tokens, stats=stats, **kw), repeats)
         except Exception as e:  # noqa: BLE001 - a failing variant is a row with the reason
             if not dot:
                 engines.pop(key, None)
             row(B, name, status="error", reason=_first_line(e))
             return
-        finally:
-            if old is None:
-                os.environ.pop("GPTFAST_BF16_DOT", None)
-            else:
-                os.environ["GPTFAST_BF16_DOT"] = old
         want = generate(model, prompt, new_tokens, **kw)
         if fmt == "bf16":
             how = ("matrices bf16, activations rounded to bf16 in the skinny GEMV (GPTFAST_BF16_DOT=1, "
@@ -502,19 +511,12 @@ def _ttft_rows(P, row, model, cfg, engines, generate, include_hf, peers, ct2_typ
         if dot and not _has_avx512_bf16():
             ttft_row(name, status="unavailable", reason="GPTFAST_BF16_DOT needs a CPU with avx512_bf16")
             continue
-        old_env = os.environ.get("GPTFAST_BF16_DOT")
         try:
-            if dot:
-                os.environ["GPTFAST_BF16_DOT"] = "1"  # read by the kernels at each call
-            t, out = timed(lambda: generate(m, prompt, 1, **kw))
+            with _bf16_dot(dot):
+                t, out = timed(lambda: generate(m, prompt, 1, **kw))
         except Exception as e:  # noqa: BLE001
             ttft_row(name, status="error", reason=_first_line(e))
             continue
-        finally:
-            if old_env is None:
-                os.environ.pop("GPTFAST_BF16_DOT", None)
-            else:
-                os.environ["GPTFAST_BF16_DOT"] = old_env
         if first is None:
             first = out[0][0]
         base = name.split(", ")[0]  # "engine[native] int8 weights, act_int8" -> its format's name
